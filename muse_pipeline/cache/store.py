@@ -1,0 +1,658 @@
+"""The feature cache: one Zarr v3 store per (dataset, model, frames), layout in docs/ARCHITECTURE.md.
+
+```
+/                    attrs: format="muse-cache", format_version=1, fingerprint={...}, failures=[{id, reason}]
+/videos/tokens       [N, T, L, D] float16   chunk (1,T,L,D), shard (S,T,L,D), blosc zstd
+/videos/mask         [N, T] uint8           1 = real frame; chunk = shard = (S, T)
+/videos/done         [N] uint8              0 pending, 1 cached, 2 failed; chunk = shard = (S,)
+/videos/ids, /videos/split, /videos/paths   [N] str
+/texts/tokens [M, W] int32, /texts/embeddings [M, D] float16, /texts/video_index [M] int32,
+/texts/split [M] str, /texts/captions [M] str, /texts/done [M] uint8
+```
+
+Writers. Shard k of videos (rows `shard_range(k)`) lives in exactly one file per array
+(`videos/tokens/c/k/0/0/0`, `videos/mask/c/k/0`, `videos/done/c/k`), and each write to a shard is a
+read-modify-write of those files. So:
+
+- ALL writes to one shard must come from ONE process (the extractor gives each task whole shards);
+  two writers in a shard lose each other's rows. Different shards can be written concurrently.
+- Root attributes (`failures`) and the text arrays are written by the client process only.
+- Zarr rewrites the whole shard file for any partial write, so writing a shard video by video costs
+  O(S^2) bytes. `write_video` therefore buffers rows in memory and writes a shard in one go when every
+  video of the shard has a status (or on `flush()` / `close()` / leaving a `with` block): resume
+  granularity is one shard (<= ~256 MB of tokens). `write_shard_videos` writes a contiguous range now.
+- Within a shard write, tokens and mask are written before `done`, so a crash never leaves a video
+  marked done without its tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from muse_pipeline.data.base import SPLITS, DatasetIndex
+
+FORMAT = "muse-cache"
+FORMAT_VERSION = 1
+# Target uncompressed size of one shard of /videos/tokens.
+SHARD_BYTES = 256 * 1024 * 1024
+# Rows per chunk of the text and string arrays: small enough to read a slice cheaply.
+ROW_CHUNK = 65536
+
+PENDING, CACHED, FAILED = 0, 1, 2
+
+
+class FingerprintMismatch(ValueError):
+    """An existing cache was built with different settings; `keys` lists what differs."""
+
+    def __init__(self, path: Path | str, keys: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.keys = list(keys)
+        super().__init__(
+            f"{path}: the existing cache was built with a different configuration "
+            f"(differs in: {', '.join(self.keys)}); pass --overwrite to delete it and extract again"
+        )
+
+
+def default_videos_per_shard(n_videos: int, frames: int, num_tokens: int, dim: int) -> int:
+    """Largest S with S * T * L * D * 2 bytes <= SHARD_BYTES, clipped to [1, N]."""
+    per_video = frames * num_tokens * dim * 2
+    return max(1, min(n_videos, SHARD_BYTES // per_video))
+
+
+def _normalise(value: Any) -> Any:
+    """JSON round trip: what comparing against stored attributes needs (tuples -> lists, ...)."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}{key}"
+            if key not in old or key not in new:
+                keys.append(name)
+            else:
+                keys.extend(_diff_keys(old[key], new[key], f"{name}."))
+        return keys
+    return [] if old == new else [prefix.rstrip(".") or "fingerprint"]
+
+
+def _is_cache_dir(path: Path) -> bool:
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("attributes", {}).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _as_str_array(values: Iterable[str]) -> np.ndarray:
+    return np.array([str(v) for v in values], dtype=object)
+
+
+def _runs_cover(indices: np.ndarray) -> bool:
+    """True when sorted unique `indices` form one contiguous range."""
+    return indices.size == 0 or int(indices[-1]) - int(indices[0]) + 1 == indices.size
+
+
+class FeatureCache:
+    """A Zarr v3 feature cache opened for reading ("r") or writing ("r+")."""
+
+    def __init__(self, path: Path | str, mode: str = "r") -> None:
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no feature cache at {self.path}")
+        if not _is_cache_dir(self.path):
+            raise ValueError(f"{self.path} is not a muse feature cache (no zarr.json with format={FORMAT!r})")
+        self.mode = mode
+        self._root = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+        version = self._root.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.path}: cache format_version {version} is not supported (need {FORMAT_VERSION})"
+            )
+        v, t = self._root["videos"], self._root["texts"]
+        self._tokens, self._mask, self._done = v["tokens"], v["mask"], v["done"]
+        self._t_tokens, self._t_emb, self._t_done = t["tokens"], t["embeddings"], t["done"]
+        self._videos, self._texts = v, t
+        n, frames, num_tokens, dim = self._tokens.shape
+        self.n_videos, self.frames, self.num_tokens, self.dim = int(n), int(frames), int(num_tokens), int(dim)
+        self.n_texts, self.words = (int(x) for x in self._t_tokens.shape)
+        self.videos_per_shard = int(self._done.chunks[0])
+        # Rows given to write_video but not yet written: shard -> {video: (tokens | None, n_frames, status)}
+        self._buffer: dict[int, dict[int, tuple[np.ndarray | None, int, int]]] = {}
+        self._meta: dict[str, list[Any]] = {}
+        self._done_cache: dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------------------------- creation
+    @classmethod
+    def create(
+        cls,
+        path: Path | str,
+        index: DatasetIndex,
+        *,
+        frames: int,
+        num_tokens: int,
+        dim: int,
+        words: int,
+        fingerprint: Mapping[str, Any],
+        videos_per_shard: int | None = None,
+        overwrite: bool = False,
+        text_tokens: np.ndarray | None = None,
+    ) -> FeatureCache:
+        """Create an empty cache for `index` (all videos pending) and open it for writing.
+
+        `text_tokens` int32 [M, W] (optional): caption token ids, written now; embeddings come later.
+        An existing cache at `path` is an error unless `overwrite` (which deletes it first).
+        The store is built under a temporary name and renamed, so a crash never leaves half a cache.
+        """
+        path = Path(path)
+        n, m = len(index.videos), len(index.captions)
+        if n == 0:
+            raise ValueError(f"dataset {index.name!r} has no videos to cache")
+        for name, value in (("frames", frames), ("num_tokens", num_tokens), ("dim", dim), ("words", words)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if videos_per_shard is None:
+            videos_per_shard = default_videos_per_shard(n, frames, num_tokens, dim)
+        if videos_per_shard < 1:
+            raise ValueError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
+        videos_per_shard = min(videos_per_shard, n)
+        if text_tokens is not None:
+            text_tokens = np.asarray(text_tokens)
+            if text_tokens.shape != (m, words):
+                raise ValueError(f"text_tokens must be [{m}, {words}], got {text_tokens.shape}")
+        try:
+            fp = _normalise(dict(fingerprint))
+        except TypeError as e:
+            raise TypeError(f"fingerprint must be JSON-serialisable: {e}") from None
+
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} exists; pass --overwrite to delete it and extract again")
+            _remove_cache(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+        root = zarr.open_group(
+            str(tmp),
+            mode="w-",
+            zarr_format=3,
+            attributes={
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "fingerprint": fp,
+                "failures": [],
+            },
+        )
+        s = videos_per_shard
+        videos = root.create_group("videos")
+        videos.create_array(
+            "tokens",
+            shape=(n, frames, num_tokens, dim),
+            dtype="float16",
+            chunks=(1, frames, num_tokens, dim),
+            shards=(s, frames, num_tokens, dim),
+            compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+            fill_value=0,
+            dimension_names=("video", "frame", "token", "channel"),
+        )
+        videos.create_array(
+            "mask",
+            shape=(n, frames),
+            dtype="uint8",
+            chunks=(s, frames),
+            fill_value=0,
+            dimension_names=("video", "frame"),
+        )
+        videos.create_array(
+            "done", shape=(n,), dtype="uint8", chunks=(s,), fill_value=PENDING, dimension_names=("video",)
+        )
+        row_chunk = (max(1, min(n, ROW_CHUNK)),)
+        for name, values in (
+            ("ids", [v.id for v in index.videos]),
+            ("split", [v.split for v in index.videos]),
+            ("paths", [str(v.path) for v in index.videos]),
+        ):
+            arr = videos.create_array(
+                name, shape=(n,), dtype=str, chunks=row_chunk, dimension_names=("video",)
+            )
+            arr[:] = _as_str_array(values)
+
+        texts = root.create_group("texts")
+        mc = max(1, min(m, ROW_CHUNK))
+        tok = texts.create_array(
+            "tokens",
+            shape=(m, words),
+            dtype="int32",
+            chunks=(mc, words),
+            fill_value=0,
+            dimension_names=("text", "word"),
+        )
+        texts.create_array(
+            "embeddings",
+            shape=(m, dim),
+            dtype="float16",
+            chunks=(mc, dim),
+            fill_value=0,
+            dimension_names=("text", "channel"),
+        )
+        vi = texts.create_array(
+            "video_index", shape=(m,), dtype="int32", chunks=(mc,), dimension_names=("text",)
+        )
+        sp = texts.create_array("split", shape=(m,), dtype=str, chunks=(mc,), dimension_names=("text",))
+        cap = texts.create_array("captions", shape=(m,), dtype=str, chunks=(mc,), dimension_names=("text",))
+        texts.create_array(
+            "done", shape=(m,), dtype="uint8", chunks=(mc,), fill_value=0, dimension_names=("text",)
+        )
+        if m:
+            vi[:] = np.array([c.video_index for c in index.captions], dtype=np.int32)
+            sp[:] = _as_str_array(c.split for c in index.captions)
+            cap[:] = _as_str_array(c.text for c in index.captions)
+            if text_tokens is not None:
+                tok[:] = text_tokens.astype(np.int32)
+        os.replace(tmp, path)
+        return cls(path, mode="r+")
+
+    @classmethod
+    def open(cls, path: Path | str, mode: str = "r") -> FeatureCache:
+        return cls(path, mode=mode)
+
+    @classmethod
+    def open_or_create(
+        cls,
+        path: Path | str,
+        index: DatasetIndex,
+        *,
+        frames: int,
+        num_tokens: int,
+        dim: int,
+        words: int,
+        fingerprint: Mapping[str, Any],
+        videos_per_shard: int | None = None,
+        overwrite: bool = False,
+        text_tokens: np.ndarray | None = None,
+    ) -> FeatureCache:
+        """Reopen the cache at `path` for writing (resume) if it was built with the same fingerprint
+        and layout, else create it. A different existing cache raises `FingerprintMismatch` unless
+        `overwrite`, which deletes it and starts again."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            if not _is_cache_dir(path):
+                raise FileExistsError(f"{path} exists and is not a muse feature cache; choose another path")
+            cache = cls(path, mode="r+")
+            differing = _diff_keys(cache.fingerprint, _normalise(dict(fingerprint)), "fingerprint.")
+            expected = {
+                "n_videos": len(index.videos),
+                "n_texts": len(index.captions),
+                "frames": frames,
+                "num_tokens": num_tokens,
+                "dim": dim,
+                "words": words,
+            }
+            if videos_per_shard is not None:
+                expected["videos_per_shard"] = min(videos_per_shard, len(index.videos))
+            differing += [f"layout.{k}" for k, want in expected.items() if getattr(cache, k) != want]
+            if not differing and cache.video_ids != [v.id for v in index.videos]:
+                differing.append("videos.ids")
+            if differing:
+                raise FingerprintMismatch(path, differing)
+            return cache
+        return cls.create(
+            path,
+            index,
+            frames=frames,
+            num_tokens=num_tokens,
+            dim=dim,
+            words=words,
+            fingerprint=fingerprint,
+            videos_per_shard=videos_per_shard,
+            overwrite=overwrite,
+            text_tokens=text_tokens,
+        )
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_videos // self.videos_per_shard)
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        """Video rows [lo, hi) of shard k."""
+        if not 0 <= k < self.n_shards:
+            raise IndexError(f"shard {k} out of range [0, {self.n_shards})")
+        lo = k * self.videos_per_shard
+        return lo, min(lo + self.videos_per_shard, self.n_videos)
+
+    def shard_of(self, i: int) -> int:
+        return int(i) // self.videos_per_shard
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return dict(self._root.attrs["fingerprint"])
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return [dict(f) for f in self._root.attrs.get("failures", [])]
+
+    def _strings(self, group: str, name: str) -> list[Any]:
+        key = f"{group}/{name}"
+        if key not in self._meta:
+            self._meta[key] = self._root[key][:].tolist()
+        return self._meta[key]
+
+    @property
+    def video_ids(self) -> list[str]:
+        return self._strings("videos", "ids")
+
+    @property
+    def video_splits(self) -> list[str]:
+        return self._strings("videos", "split")
+
+    @property
+    def video_paths(self) -> list[str]:
+        return self._strings("videos", "paths")
+
+    @property
+    def captions(self) -> list[str]:
+        return self._strings("texts", "captions")
+
+    @property
+    def text_splits(self) -> list[str]:
+        return self._strings("texts", "split")
+
+    @property
+    def text_video_index(self) -> np.ndarray:
+        """int32 [M]: the video row of each text."""
+        return self._texts["video_index"][:]
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureCache({str(self.path)!r}, mode={self.mode!r}, videos={self.n_videos}, texts={self.n_texts}, "
+            f"T={self.frames}, L={self.num_tokens}, D={self.dim}, W={self.words}, S={self.videos_per_shard})"
+        )
+
+    # --------------------------------------------------------------------------- video writes
+    def _require_writable(self) -> None:
+        if self.mode != "r+":
+            raise PermissionError(f"{self.path} is open read-only; open it with mode='r+' to write")
+
+    def write_video(self, i: int, tokens: np.ndarray | None, status: int = CACHED) -> None:
+        """Record video `i`: `tokens` float16-castable [n, L, D] (n real frames, 1 <= n <= T) with
+        status CACHED (1), or None with status FAILED (2). Padded with zeros to T; mask = 1 for the
+        n real frames. Buffered until the shard is complete or `flush()` (see module docstring)."""
+        self._require_writable()
+        i = int(i)
+        if not 0 <= i < self.n_videos:
+            raise IndexError(f"video {i} out of range [0, {self.n_videos})")
+        if status == CACHED:
+            if tokens is None:
+                raise ValueError(f"video {i}: status CACHED needs tokens [n, {self.num_tokens}, {self.dim}]")
+            with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
+                arr = np.asarray(tokens, dtype=np.float16)
+            if (
+                arr.ndim != 3
+                or arr.shape[1:] != (self.num_tokens, self.dim)
+                or not 1 <= arr.shape[0] <= self.frames
+            ):
+                raise ValueError(
+                    f"video {i}: tokens must be [n, {self.num_tokens}, {self.dim}] with 1 <= n <= {self.frames}, "
+                    f"got {arr.shape}"
+                )
+            if not np.isfinite(arr).all():
+                raise ValueError(f"video {i}: tokens contain inf/nan after the cast to float16")
+            entry: tuple[np.ndarray | None, int, int] = (arr, arr.shape[0], CACHED)
+        elif status == FAILED:
+            if tokens is not None:
+                raise ValueError(f"video {i}: a FAILED video has no tokens (pass None)")
+            entry = (None, 0, FAILED)
+        else:
+            raise ValueError(f"video {i}: status must be CACHED (1) or FAILED (2), got {status!r}")
+        k = self.shard_of(i)
+        self._buffer.setdefault(k, {})[i] = entry
+        lo, hi = self.shard_range(k)
+        buffered = self._buffer[k]
+        if len(buffered) == hi - lo or self._shard_complete(k):
+            self._flush_shard(k)
+
+    def _shard_complete(self, k: int) -> bool:
+        lo, _ = self.shard_range(k)
+        done = self._stored_done(k).copy()
+        for i in self._buffer.get(k, ()):
+            done[i - lo] = CACHED
+        return bool((done != PENDING).all())
+
+    def _stored_done(self, k: int) -> np.ndarray:
+        # This process is the only writer of shard k, so the stored flags change only through it.
+        if k not in self._done_cache:
+            lo, hi = self.shard_range(k)
+            self._done_cache[k] = self._done[lo:hi]
+        return self._done_cache[k]
+
+    def _flush_shard(self, k: int) -> None:
+        rows = self._buffer.pop(k, None)
+        if not rows:
+            return
+        idx = np.array(sorted(rows), dtype=np.int64)
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        b = hi - lo
+        if _runs_cover(idx):
+            tokens = np.zeros((b, self.frames, self.num_tokens, self.dim), dtype=np.float16)
+            mask = np.zeros((b, self.frames), dtype=np.uint8)
+            done = np.zeros((b,), dtype=np.uint8)
+        else:
+            # Rows between buffered ones keep what is stored: one shard rewrite instead of one per run.
+            tokens = self._tokens[lo:hi]
+            mask = self._mask[lo:hi]
+            done = self._done[lo:hi]
+        for i, (arr, n, status) in rows.items():
+            r = i - lo
+            tokens[r] = 0
+            mask[r] = 0
+            if arr is not None:
+                tokens[r, :n] = arr
+                mask[r, :n] = 1
+            done[r] = status
+        self.write_shard_videos(lo, tokens, mask, done)
+
+    def write_shard_videos(self, lo: int, tokens: np.ndarray, mask: np.ndarray, done: np.ndarray) -> None:
+        """Write videos [lo, lo + b) now: tokens f16 [b, T, L, D], mask uint8 [b, T], done uint8 [b].
+
+        The range must lie within one shard. Supersedes anything buffered for those rows."""
+        self._require_writable()
+        tokens = np.asarray(tokens, dtype=np.float16)
+        mask, done = np.asarray(mask, dtype=np.uint8), np.asarray(done, dtype=np.uint8)
+        b = tokens.shape[0]
+        if (
+            tokens.shape != (b, self.frames, self.num_tokens, self.dim)
+            or mask.shape != (b, self.frames)
+            or done.shape != (b,)
+        ):
+            raise ValueError(
+                f"expected tokens [b, {self.frames}, {self.num_tokens}, {self.dim}], mask [b, {self.frames}], done [b]; "
+                f"got {tokens.shape}, {mask.shape}, {done.shape}"
+            )
+        hi = lo + b
+        if b == 0 or lo < 0 or hi > self.n_videos:
+            raise IndexError(f"rows [{lo}, {hi}) out of range [0, {self.n_videos}) or empty")
+        if self.shard_of(lo) != self.shard_of(hi - 1):
+            raise ValueError(
+                f"rows [{lo}, {hi}) span shards {self.shard_of(lo)}..{self.shard_of(hi - 1)}; write one shard at a time"
+            )
+        if done.max(initial=0) > FAILED:
+            raise ValueError("done values must be 0 (pending), 1 (cached) or 2 (failed)")
+        pending = self._buffer.get(self.shard_of(lo))
+        if pending:
+            for i in range(lo, hi):
+                pending.pop(i, None)
+        self._tokens[lo:hi] = tokens
+        self._mask[lo:hi] = mask
+        self._done[lo:hi] = done  # last: a video is done only once its tokens are stored
+        k = self.shard_of(lo)
+        if k in self._done_cache:
+            self._done_cache[k][lo - self.shard_range(k)[0] : hi - self.shard_range(k)[0]] = done
+
+    def flush(self) -> None:
+        """Write every buffered row (each touched shard is rewritten once)."""
+        for k in sorted(self._buffer):
+            self._flush_shard(k)
+
+    def close(self) -> None:
+        if self.mode == "r+":
+            self.flush()
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------- text writes
+    def write_texts(
+        self, lo: int, token_ids: np.ndarray | None = None, embeddings: np.ndarray | None = None
+    ) -> None:
+        """Write rows [lo, lo + m) of the texts: token ids int32 [m, W] and/or embeddings f16 [m, D]
+        (which marks those texts done). Client process only."""
+        self._require_writable()
+        if token_ids is None and embeddings is None:
+            raise ValueError("write_texts needs token_ids and/or embeddings")
+        m = None
+        if token_ids is not None:
+            token_ids = np.asarray(token_ids)
+            m = token_ids.shape[0]
+            if token_ids.shape != (m, self.words):
+                raise ValueError(f"token_ids must be [m, {self.words}], got {token_ids.shape}")
+        if embeddings is not None:
+            embeddings = np.asarray(embeddings, dtype=np.float16)
+            if m is not None and embeddings.shape[0] != m:
+                raise ValueError(f"token_ids has {m} rows, embeddings {embeddings.shape[0]}")
+            m = embeddings.shape[0]
+            if embeddings.shape != (m, self.dim):
+                raise ValueError(f"embeddings must be [m, {self.dim}], got {embeddings.shape}")
+        assert m is not None
+        if lo < 0 or lo + m > self.n_texts:
+            raise IndexError(f"text rows [{lo}, {lo + m}) out of range [0, {self.n_texts})")
+        if m == 0:
+            return
+        if token_ids is not None:
+            self._t_tokens[lo : lo + m] = token_ids.astype(np.int32)
+        if embeddings is not None:
+            self._t_emb[lo : lo + m] = embeddings
+            self._t_done[lo : lo + m] = 1
+
+    def add_failures(self, failures: Iterable[Mapping[str, str]]) -> None:
+        """Append {id, reason} records to the failures ledger (client process only); a newer record
+        for the same id replaces the older one."""
+        self._require_writable()
+        new = [{"id": str(f["id"]), "reason": str(f["reason"])} for f in failures]
+        if not new:
+            return
+        replaced = {f["id"] for f in new}
+        kept = [f for f in self.failures if f["id"] not in replaced]
+        self._root.attrs.update({"failures": kept + new})
+
+    # ---------------------------------------------------------------------------------- reads
+    def read_videos(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> tokens float16 [b, T, L, D], mask uint8 [b, T] in the order of `indices`.
+
+        Sorted indices are cheapest: a contiguous run is one slice, other sets read only their chunks.
+        Reads what is stored (rows still buffered by this writer are not visible)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_videos):
+            raise IndexError(f"video indices out of range [0, {self.n_videos})")
+        if idx.size == 0:
+            return (
+                np.zeros((0, self.frames, self.num_tokens, self.dim), np.float16),
+                np.zeros((0, self.frames), np.uint8),
+            )
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        if _runs_cover(uniq):
+            lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+            tokens, mask = self._tokens[lo:hi], self._mask[lo:hi]
+        else:
+            tokens, mask = self._tokens.oindex[uniq], self._mask.oindex[uniq]
+        if uniq.size == idx.size and np.array_equal(uniq, idx):
+            return tokens, mask
+        return tokens[inverse], mask[inverse]
+
+    def read_done(self) -> np.ndarray:
+        """uint8 [N]: 0 pending, 1 cached, 2 failed (as stored)."""
+        return self._done[:]
+
+    def read_text_done(self) -> np.ndarray:
+        """uint8 [M]: 1 where the text embedding is stored."""
+        return self._t_done[:]
+
+    def read_text_tokens(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """-> int32 [m, W] (all texts when `indices` is None)."""
+        return self._read_rows(self._t_tokens, indices)
+
+    def read_text_embeddings(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """-> float16 [m, D] (all texts when `indices` is None)."""
+        return self._read_rows(self._t_emb, indices)
+
+    def read_texts(self, indices: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> (token ids int32 [m, W], embeddings float16 [m, D])."""
+        return self.read_text_tokens(indices), self.read_text_embeddings(indices)
+
+    def _read_rows(self, arr: Any, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
+        if indices is None:
+            return arr[:]
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= arr.shape[0]):
+            raise IndexError(f"text indices out of range [0, {arr.shape[0]})")
+        if idx.size == 0:
+            return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        rows = arr[int(uniq[0]) : int(uniq[-1]) + 1] if _runs_cover(uniq) else arr.oindex[uniq]
+        return rows if np.array_equal(uniq, idx) else rows[inverse]
+
+    def split_indices(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """-> (video rows, text rows) of `split`, sorted int64."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        videos = np.flatnonzero(np.array(self.video_splits, dtype=object) == split).astype(np.int64)
+        texts = np.flatnonzero(np.array(self.text_splits, dtype=object) == split).astype(np.int64)
+        return videos, texts
+
+    def pending_videos(self) -> np.ndarray:
+        """Sorted int64 rows still to extract: stored done == 0 and not buffered by this writer."""
+        pending = np.flatnonzero(self._done[:] == PENDING).astype(np.int64)
+        buffered = [i for rows in self._buffer.values() for i in rows]
+        return np.setdiff1d(pending, np.array(buffered, dtype=np.int64)) if buffered else pending
+
+    def progress(self) -> dict[str, int]:
+        """Stored counts: videos total / cached / failed / pending, texts total / done."""
+        done = self._done[:]
+        return {
+            "videos": self.n_videos,
+            "cached": int((done == CACHED).sum()),
+            "failed": int((done == FAILED).sum()),
+            "pending": int((done == PENDING).sum()),
+            "texts": self.n_texts,
+            "texts_done": int(self._t_done[:].sum()) if self.n_texts else 0,
+        }
+
+
+def _remove_cache(path: Path) -> None:
+    """Delete an existing cache; refuse to delete anything that is not one (or an empty dir)."""
+    if path.is_dir() and (_is_cache_dir(path) or not any(path.iterdir())):
+        shutil.rmtree(path)
+    else:
+        raise FileExistsError(f"{path} exists and is not a muse feature cache; refusing to delete it")
