@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from muse_pipeline import __version__
+from muse_pipeline.cache.store import ROW_CHUNK as TEXT_CHUNK  # one text task per texts/* chunk
 from muse_pipeline.config import preset
 from muse_pipeline.data import DatasetIndex, load_dataset
 
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 # A video that was being decoded/encoded when its worker died this many times is given up on.
 MAX_CRASHES_PER_VIDEO = 2
-TEXT_CHUNK = 4096  # rows of texts/* per task; also the text batching unit, so bits are reproducible
 TEXT_BATCH = 256
 SAMPLING = "fps=1;linspace(0,n-1,T);clip4clip"
 
@@ -304,7 +304,7 @@ def process_texts(job: TextJob) -> dict:
             emb = encoder.encode_texts(ids[start : start + TEXT_BATCH])
         out.append(emb.to(torch.float16).cpu().numpy())
     embeddings = np.concatenate(out) if out else np.zeros((0, cache.dim), np.float16)
-    cache.write_text_embeddings(job.lo, embeddings)
+    cache.write_texts(job.lo, embeddings=embeddings)
     return {"lo": job.lo, "hi": job.hi}
 
 
@@ -318,6 +318,7 @@ def fingerprint(cfg: ExtractConfig, index: DatasetIndex, encoder_info: dict) -> 
         "dataset": cfg.dataset,
         "splits": sorted({v.split for v in index.videos}),
         "model": cfg.model,
+        "pretrained": None if cfg.pretrained is None else str(cfg.pretrained),  # to rebuild the text tower
         "weights": encoder_info["weights_id"],
         "image_size": encoder_info["image_size"],
         "num_tokens": encoder_info["num_tokens"],
@@ -330,6 +331,7 @@ def fingerprint(cfg: ExtractConfig, index: DatasetIndex, encoder_info: dict) -> 
         "n_videos": len(index.videos),
         "n_texts": len(index.captions),
         "code_version": __version__,
+        "encoder": encoder_info,
     }
 
 
@@ -402,11 +404,13 @@ def open_store(cfg: ExtractConfig, index: DatasetIndex):
     staging = Path(str(path) + ".staging")
     if cfg.overwrite and staging.exists():
         shutil.rmtree(staging)
+    # Token ids are written when the store is created; a resumed store already has them.
+    fresh = cfg.overwrite or not path.exists()
+    text_tokens = encoder.tokenize([c.text for c in index.captions], cfg.max_words) if fresh else None
     cache = FeatureCache.open_or_create(
         path, index, frames=cfg.max_frames, num_tokens=encoder.num_tokens, dim=encoder.dim,
         words=cfg.max_words, fingerprint=fingerprint(cfg, index, info),
-        videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite,
-        text_tokens=lambda texts: encoder.tokenize(texts, cfg.max_words), text_chunk=TEXT_CHUNK,
+        videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite, text_tokens=text_tokens,
     )
     return cache, staging
 
@@ -454,7 +458,7 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
 
 
 def _run_on_dask(cfg, shard_jobs, text_jobs, progress, staging, cache) -> list[dict]:
-    from distributed import Client, LocalCluster, wait
+    from distributed import Client, LocalCluster
 
     cluster = None
     if cfg.scheduler:
@@ -476,7 +480,10 @@ def _run_on_dask(cfg, shard_jobs, text_jobs, progress, staging, cache) -> list[d
         futures += [client.submit(process_shard, job, pure=False) for job in shard_jobs]
         pending = set(futures)
         while pending:
-            finished, pending = wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
+            finished = {f for f in pending if f.done()}
+            pending -= finished
+            if not finished:
+                time.sleep(0.25)
             for future in finished:
                 try:
                     result = future.result()
