@@ -19,13 +19,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def setup_logging(quiet: bool = False) -> None:
+    """Our INFO messages on stderr; other libraries only from WARNING up.
+
+    open_clip logs through the root logger and dask at INFO: both would drown the progress bars.
+    """
     from rich.logging import RichHandler
 
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+        level=logging.WARNING, format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)], force=True,
     )
-    # dask's own INFO chatter would drown the progress bar
+    logging.getLogger("muse_pipeline").setLevel(logging.WARNING if quiet else logging.INFO)
     for name in ("distributed", "dask"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

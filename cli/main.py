@@ -5,7 +5,12 @@ from __future__ import annotations
 import typer
 
 from muse_pipeline.cli.cache import cache_app
+from muse_pipeline.cli.evaluate import eval_cmd
 from muse_pipeline.cli.extract import extract_cmd
+from muse_pipeline.cli.pipeline import demo_cmd, reproduce_cmd
+from muse_pipeline.cli.report import report_cmd
+from muse_pipeline.cli.search import index_cmd, search_cmd
+from muse_pipeline.cli.train import train_cmd
 
 app = typer.Typer(
     help="MUSE text-video retrieval: extract CLIP tokens -> train heads -> eval / index / search.",
@@ -13,6 +18,13 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command("extract")(extract_cmd)
+app.command("train")(train_cmd)
+app.command("eval")(eval_cmd)
+app.command("index")(index_cmd)
+app.command("search")(search_cmd)
+app.command("report")(report_cmd)
+app.command("demo")(demo_cmd)
+app.command("reproduce")(reproduce_cmd)
 app.add_typer(cache_app, name="cache")
 
 

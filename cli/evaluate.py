@@ -1,0 +1,59 @@
+"""`muse eval`: retrieval metrics of a trained run (or of zero-shot CLIP on a cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from muse_pipeline.cli.common import console, fail
+
+
+def eval_cmd(
+    run_dir: Path = typer.Argument(None, help="Run directory of `muse train` (omit with --zero-shot)."),
+    split: str = typer.Option("test", help="Split of the cache to evaluate (model selection used val)."),
+    dsl: bool = typer.Option(
+        False, "--dsl", help="Also report dual-softmax post-processed numbers (labelled as such)."
+    ),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    which: str = typer.Option("best", help="Weights to evaluate: best (validation) or last."),
+    cache: Path = typer.Option(
+        None, help="Cache to evaluate on (default: the run's cache; required with --zero-shot)."
+    ),
+    zero_shot: bool = typer.Option(
+        False, "--zero-shot", help="Parameter-free CLIP meanP on the cache: no run needed."
+    ),
+    out: Path = typer.Option(None, help="With --zero-shot: folder for eval.json / eval.md."),
+    batch_size: int = typer.Option(64, help="Videos / texts per forward pass."),
+) -> None:
+    """Embed every video and text of the split once, then score R@1/5/10, MdR, MnR both ways.
+
+    Writes eval.json and eval.md into the run directory (eval-<split>.* for a split other than test).
+    """
+    from muse_pipeline.stages.evaluate import evaluate_run, evaluate_zero_shot, print_eval
+
+    try:
+        if zero_shot:
+            if run_dir is not None:
+                fail("--zero-shot evaluates CLIP itself: give --cache, not a run directory")
+            if cache is None:
+                fail("--zero-shot needs --cache STORE")
+            result = evaluate_zero_shot(cache, split=split, out_dir=out, dsl=dsl, batch_size=batch_size)
+        else:
+            if run_dir is None:
+                fail("give a run directory (or --zero-shot --cache STORE)")
+            result = evaluate_run(
+                run_dir,
+                split=split,
+                dsl=dsl,
+                device=device,
+                which=which,
+                cache_path=cache,
+                batch_size=batch_size,
+            )
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    print_eval(result, console)
+    where = run_dir if not zero_shot else out
+    if where is not None:
+        name = "eval" if split == "test" else f"eval-{split}"
+        console.print(f"wrote {Path(where) / (name + '.json')} and {name}.md")

@@ -1,0 +1,79 @@
+"""`muse train`: train a similarity head from the cache, or end to end with CLIP in the loop."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from muse_pipeline.cli.common import fail, setup_logging
+
+
+def train_cmd(
+    from_cache: Path = typer.Option(None, help="Train from this feature cache (CLIP is not loaded)."),
+    end_to_end: bool = typer.Option(False, "--end-to-end", help="Decode frames and fine-tune CLIP in the loop (lr 1e-7)."),
+    dataset: str = typer.Option(None, help="End to end: msrvtt | didemo | activitynet | folder | synthetic."),
+    data_root: Path = typer.Option(None, help="End to end: annotation files and videos of the dataset."),
+    model: str = typer.Option("ViT-B-32", help="End to end: open_clip model name (muse-tiny for tests)."),
+    pretrained: str = typer.Option(None, help="End to end: open_clip tag or weights file (default: random init)."),
+    decoder: str = typer.Option("pyav", help="End to end: pyav | decord."),
+    head: str = typer.Option(None, help="Similarity head: muse | meanP | seqTransf | muse-transformer (default muse)."),
+    name: str = typer.Option(None, help="Run name: runs/<name>/ (default <dataset>-<head>, numbered if taken)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Parent folder of run directories."),
+    resume: Path = typer.Option(None, help="Continue this run directory exactly where it stopped."),
+    init_head: Path = typer.Option(None, help="End to end: start the head from this cache-trained run (best weights)."),
+    epochs: int = typer.Option(None, help="Epochs (default: dataset preset)."),
+    batch_size: int = typer.Option(None, help="GLOBAL batch size over all GPUs (default: preset, 128)."),
+    lr: float = typer.Option(None, help="Base learning rate (default 1e-4; head and text adapter get 10x)."),
+    head_lr_mult: float = typer.Option(None, help="Learning-rate multiplier of the head and text adapter (10)."),
+    clip_lr: float = typer.Option(None, help="End to end: CLIP towers' learning rate (1e-7)."),
+    weight_decay: float = typer.Option(None, help="AdamW weight decay (0.2; none on biases, norms, A_log, D)."),
+    warmup_fraction: float = typer.Option(None, help="Linear warmup as a fraction of all steps (0.1)."),
+    grad_clip: float = typer.Option(None, help="Gradient-norm clip (1.0; 0 disables)."),
+    seed: int = typer.Option(None, help="Random seed (42)."),
+    val_fraction: float = typer.Option(None, help="Held-out train videos for validation when there is no val split."),
+    frames: int = typer.Option(None, help="End to end: max frames (default preset; from cache: must match it)."),
+    words: int = typer.Option(None, help="End to end: max words (default preset)."),
+    no_text_adapter: bool = typer.Option(False, "--no-text-adapter", help="Train without the residual text adapter."),
+    no_amp: bool = typer.Option(False, "--no-amp", help="Disable bf16 autocast on CUDA."),
+    workers: int = typer.Option(None, help="DataLoader worker processes (default 2)."),
+    log_every: int = typer.Option(None, help="Steps between step records in metrics.jsonl (10)."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+    gpus: int = typer.Option(None, help="Train on N GPUs with DDP: relaunches itself through torchrun."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a MUSE (or baseline) head; writes runs/<name>/ with best/last weights and metrics.jsonl.
+
+    Multi-GPU by hand: `python -m torch.distributed.run --standalone --nproc_per_node N $(which muse) train ...`.
+    Ctrl-C saves a resumable state; `--resume runs/<name>` continues exactly.
+    """
+    from muse_pipeline.training.distributed import CHILD_ENV, launched_by_torchrun, relaunch, strip_gpus_flag
+
+    if gpus is not None and gpus > 1 and not launched_by_torchrun() and not os.environ.get(CHILD_ENV):
+        raise typer.Exit(relaunch(gpus, strip_gpus_flag(sys.argv)))
+
+    from muse_pipeline.stages.train import ConfigMismatch, run_train
+
+    from muse_pipeline.training.data import CacheError
+    from muse_pipeline.training.loop import NonFiniteLossError
+
+    setup_logging(quiet)
+    overrides = dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, clip_lr=clip_lr,
+        weight_decay=weight_decay, warmup_fraction=warmup_fraction, grad_clip=grad_clip, seed=seed,
+        val_fraction=val_fraction, frames=frames, words=words, num_workers=workers, log_every=log_every,
+        text_adapter=False if no_text_adapter else None, amp=False if no_amp else None,
+    )
+    try:
+        run_dir = run_train(
+            from_cache=from_cache, end_to_end=end_to_end, dataset=dataset, data_root=data_root, model=model,
+            pretrained=pretrained, decoder=decoder, head=head, name=name, runs_dir=runs_dir, resume=resume,
+            init_head=init_head, device=device, quiet=quiet, **overrides,
+        )
+    except KeyboardInterrupt:
+        fail("interrupted: a resumable state was saved; continue with `muse train --resume RUN_DIR`.", code=130)
+    except (CacheError, ConfigMismatch, NonFiniteLossError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    if not quiet:
+        typer.echo(f"run written to {run_dir}")
