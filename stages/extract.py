@@ -422,7 +422,8 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     elif kwargs:
         raise TypeError("pass either an ExtractConfig or keyword arguments, not both")
     t0 = time.perf_counter()
-    index = load_dataset(cfg.dataset, cfg.data_root, cfg.splits)
+    # absolute paths in the store, so that search thumbnails work from any directory
+    index = load_dataset(cfg.dataset, Path(cfg.data_root).resolve(), cfg.splits)
     cache, staging = open_store(cfg, index)
     _merge_staged_failures(cache, staging)
     shard_jobs = _shard_jobs(cfg, index, cache, staging)
