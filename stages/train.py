@@ -1,0 +1,467 @@
+"""Train stage: build data, model and trainer from a cache (or end to end), run, write `runs/<name>/`.
+
+Single process: `run_train(from_cache=...)`. Multi-GPU: the same call in every torchrun process
+(see muse_pipeline.training.distributed); rank 0 writes the run directory.
+
+Mid-epoch resume skips the batches the interrupted epoch had already trained (their order is a
+function of seed and epoch), so it does not redo them; the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from muse_pipeline.models.checkpoint import atomic_write_json, load_weights, read_run_config
+from muse_pipeline.training.config import TrainConfig
+from muse_pipeline.training.data import CacheError, SplitPlan, plan_splits
+from muse_pipeline.training.distributed import DistContext, barrier, broadcast_object, setup
+from muse_pipeline.training.loop import LoopState, NonFiniteLossError, Trainer, seed_everything
+
+log = logging.getLogger(__name__)
+
+# Fingerprint keys that must agree between a run and the cache it resumes/evaluates on.
+MATCH_KEYS = (
+    "dataset",
+    "model",
+    "weights",
+    "image_size",
+    "num_tokens",
+    "dim",
+    "frames",
+    "words",
+    "sampling",
+    "annotation_checksum",
+)
+# Fields a resumed run may change: they do not affect the weights.
+RESUME_FREE = {"num_workers", "log_every"}
+
+
+class ConfigMismatch(ValueError):
+    """A resumed run and the cache (or the options given) disagree; lists the differing keys."""
+
+
+def check_fingerprints(run_fp: dict, cache_fp: dict, cache_path: Path | str, run_dir: Path | str) -> None:
+    diff = [k for k in MATCH_KEYS if k in run_fp and run_fp.get(k) != cache_fp.get(k)]
+    if diff:
+        details = "; ".join(f"{k}: run {run_fp.get(k)!r} vs cache {cache_fp.get(k)!r}" for k in diff)
+        raise ConfigMismatch(
+            f"cannot resume {run_dir} from cache {cache_path}: it was trained on other features ({details}). "
+            "Pass the run's own cache with --from-cache, or start a new run."
+        )
+
+
+def _is_random_init(fp: dict) -> bool:
+    return str(fp.get("weights", "")).startswith("random")
+
+
+def _grid(num_tokens: int) -> int:
+    g = int(round(math.sqrt(num_tokens - 1)))
+    if g * g + 1 != num_tokens:
+        raise CacheError(f"{num_tokens} tokens per frame is not 1 + g*g: not a ViT CLS + patch-grid layout")
+    return g
+
+
+def _unique_run_dir(runs_dir: Path, base: str) -> Path:
+    candidate, k = runs_dir / base, 2
+    while (candidate / "config.json").exists():
+        candidate = runs_dir / f"{base}-{k}"
+        k += 1
+    return candidate
+
+
+def _choose_run_dir(ctx: DistContext, runs_dir: Path, name: str | None, default: str) -> Path:
+    if ctx.is_main:
+        if name is not None:
+            run_dir = runs_dir / name
+            if (run_dir / "config.json").exists():
+                raise FileExistsError(
+                    f"run {run_dir} already exists: continue it with --resume {run_dir}, or pick another --name"
+                )
+        else:
+            run_dir = _unique_run_dir(runs_dir, re.sub(r"[^A-Za-z0-9_.-]+", "-", default))
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = None
+    return Path(broadcast_object(ctx, str(run_dir)))  # type: ignore[arg-type]
+
+
+def _check_resume_overrides(saved: TrainConfig, overrides: dict[str, Any], head: str | None) -> None:
+    bad = {
+        k: v
+        for k, v in overrides.items()
+        if v is not None and k not in RESUME_FREE and getattr(saved, k) != (tuple(v) if k == "betas" else v)
+    }
+    if head is not None and head != saved.head:
+        bad["head"] = head
+    if bad:
+        details = "; ".join(f"{k}: run {getattr(saved, k)!r} vs given {v!r}" for k, v in bad.items())
+        raise ConfigMismatch(
+            f"--resume continues a run exactly; these options differ from the run's: {details}"
+        )
+
+
+def _build_model(model_cfg: dict, seed: int):
+    from muse_pipeline.models.retrieval import ModelConfig, RetrievalModel
+
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    seed_everything(seed)
+    return RetrievalModel(ModelConfig.from_dict(model_cfg))
+
+
+def _init_from_run(model, init_head: Path) -> None:
+    state, _ = load_weights(init_head, "best")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigMismatch(
+            f"--init-head {init_head} does not fit this model (other head or geometry): {exc}"
+        ) from exc
+
+
+def run_train(
+    *,
+    from_cache: Path | str | None = None,
+    end_to_end: bool = False,
+    dataset: str | None = None,
+    data_root: Path | str | None = None,
+    model: str = "ViT-B-32",
+    pretrained: str | None = None,
+    decoder: str = "pyav",
+    head: str | None = None,
+    name: str | None = None,
+    runs_dir: Path | str = Path("runs"),
+    resume: Path | str | None = None,
+    init_head: Path | str | None = None,
+    device: str | None = None,
+    quiet: bool = False,
+    model_overrides: dict[str, Any] | None = None,
+    on_step_end: Callable[[LoopState], None] | None = None,
+    **train_overrides: Any,
+) -> Path:
+    """Train (or resume) a run and return its directory.
+
+    Modes: `from_cache` (CLIP not loaded; tokens and text embeddings from the cache) or
+    `end_to_end=True` with `dataset` and `data_root` (frames decoded, CLIP towers trained at
+    `clip_lr`). `train_overrides` are TrainConfig fields (None = preset); `model_overrides` are
+    ModelConfig fields (depth, drop_max, ...). Raises CacheError, ConfigMismatch, NonFiniteLossError,
+    KeyboardInterrupt (after saving a resumable state.pt).
+    """
+    ctx = setup(device)
+    runs_dir = Path(runs_dir)
+    saved: dict[str, Any] | None = None
+    if resume is not None:
+        resume = Path(resume)
+        saved = read_run_config(resume)
+        if not (resume / "state.pt").is_file():
+            raise FileNotFoundError(f"{resume} has no state.pt: nothing to resume")
+        end_to_end = bool(saved.get("end_to_end", False))
+    if end_to_end:
+        if from_cache is not None:
+            raise ValueError("--from-cache and --end-to-end exclude each other")
+        return _run_end_to_end(
+            ctx,
+            dataset,
+            data_root,
+            model,
+            pretrained,
+            decoder,
+            head,
+            name,
+            runs_dir,
+            saved,
+            resume,
+            init_head,
+            quiet,
+            model_overrides,
+            on_step_end,
+            train_overrides,
+        )
+    if from_cache is None:
+        if saved is None:
+            raise ValueError("give --from-cache CACHE (or --end-to-end --dataset NAME --data-root PATH)")
+        from_cache = saved["cache"]
+    return _run_from_cache(
+        ctx,
+        Path(from_cache),
+        head,
+        name,
+        runs_dir,
+        saved,
+        resume,
+        init_head,
+        quiet,
+        model_overrides,
+        on_step_end,
+        train_overrides,
+    )
+
+
+def _run_from_cache(
+    ctx,
+    cache_path: Path,
+    head,
+    name,
+    runs_dir,
+    saved,
+    resume,
+    init_head,
+    quiet,
+    model_overrides,
+    on_step_end,
+    train_overrides,
+) -> Path:
+    from muse_pipeline.training.data import CachePairDataset, open_cache_arrays
+    from muse_pipeline.training.modules import CachePairModel
+    from muse_pipeline.training.validate import CacheValidator
+
+    arrays = open_cache_arrays(cache_path)
+    fp = arrays.fingerprint
+    if saved is not None:
+        check_fingerprints(saved.get("fingerprint") or {}, fp, cache_path, resume)
+        cfg = TrainConfig.from_dict(saved["train"])
+        _check_resume_overrides(cfg, train_overrides, head)
+        cfg = cfg.replace(**{k: v for k, v in train_overrides.items() if k in RESUME_FREE and v is not None})
+        model_cfg = saved["model"]
+    else:
+        for key, have in (("frames", arrays.frames), ("words", fp.get("words"))):
+            given = train_overrides.get(key)
+            if given is not None and have is not None and int(given) != int(have):
+                raise ConfigMismatch(
+                    f"--{key} {given} differs from the cache's {have} ({cache_path}); "
+                    f"re-extract with --{key} {given} or drop the option"
+                )
+        ds = str(fp.get("dataset", "synthetic"))
+        preset_name = ds if ds in _preset_names() else "folder"
+        cfg = TrainConfig.from_preset(preset_name, **train_overrides).replace(
+            dataset=ds,
+            frames=arrays.frames,
+            words=int(fp.get("words", 32)),
+            head=head or train_overrides.get("head") or "muse",
+        )
+        from muse_pipeline.models.retrieval import LOGIT_SCALE_PRETRAINED, LOGIT_SCALE_SCRATCH
+
+        model_cfg = {
+            "head": cfg.head,
+            "dim": arrays.dim,
+            "grid": _grid(arrays.num_tokens),
+            "max_frames": arrays.frames,
+            "text_adapter": cfg.text_adapter,
+            "logit_scale_init": LOGIT_SCALE_SCRATCH if _is_random_init(fp) else LOGIT_SCALE_PRETRAINED,
+            **(model_overrides or {}),
+        }
+    plan = plan_splits(
+        arrays.video_ids, arrays.video_split, arrays.video_done, arrays.text_video, cfg.val_fraction
+    )
+    _check_plan(plan, cache_path, cfg)
+    retrieval = _build_model(model_cfg, cfg.seed)
+    if init_head is not None and saved is None:
+        _init_from_run(retrieval, Path(init_head))
+    pair = CachePairModel(retrieval)
+    dataset = CachePairDataset(arrays, plan.train_texts)
+    validator = CacheValidator(dataset, plan, arrays.text_video, arrays.text_emb, ctx.device)
+    if saved is not None:
+        run_dir = Path(resume)
+    else:
+        run_dir = _choose_run_dir(ctx, runs_dir, name, f"{cfg.dataset}-{cfg.head}")
+        config = {
+            "model": model_cfg,
+            "train": cfg.to_dict(),
+            "cache": str(cache_path.resolve()),
+            "fingerprint": fp,
+            "end_to_end": False,
+            "val_source": plan.val_source,
+            "n_train_texts": int(len(plan.train_texts)),
+            "n_val_videos": int(len(plan.val_videos)),
+            "world_size": ctx.world_size,
+        }
+        if ctx.is_main:
+            atomic_write_json(run_dir / "config.json", config)
+    return _fit(ctx, pair, dataset, cfg, run_dir, validator, resume is not None, quiet, on_step_end, plan)
+
+
+def _preset_names() -> set[str]:
+    from muse_pipeline.config import PRESETS
+
+    return set(PRESETS)
+
+
+def _check_plan(plan: SplitPlan, where: Path | str, cfg: TrainConfig) -> None:
+    if len(plan.train_texts) == 0:
+        raise CacheError(f"{where} has no training texts (no cached videos in split 'train')")
+    if len(plan.train_texts) < cfg.batch_size:
+        raise CacheError(
+            f"{where} has {len(plan.train_texts)} training texts, fewer than the global batch "
+            f"{cfg.batch_size}: lower --batch-size"
+        )
+
+
+def _fit(
+    ctx,
+    pair,
+    dataset,
+    cfg,
+    run_dir: Path,
+    validator,
+    resuming: bool,
+    quiet: bool,
+    on_step_end,
+    plan: SplitPlan,
+) -> Path:
+    trainer = Trainer(pair, dataset, cfg, ctx, run_dir, validator, quiet=quiet, on_step_end=on_step_end)
+    if resuming:
+        state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
+        trainer.load_state_dict(state)
+        if trainer.state.epoch >= cfg.epochs:
+            log.info("run %s already finished %d epochs; nothing to do", run_dir, cfg.epochs)
+            return run_dir
+    else:
+        # Per-rank streams for dropout; the model was built from `seed` alone, identical on all ranks.
+        seed_everything(cfg.seed + ctx.rank)
+    if ctx.is_main and not plan.has_val:
+        log.warning("no validation set (no 'val' split, val_fraction 0): best.safetensors = last epoch")
+    try:
+        trainer.fit()
+    except NonFiniteLossError as exc:
+        if ctx.is_main:
+            trainer._log({"kind": "error", "step": trainer.state.step, "message": str(exc)})
+        raise
+    barrier(ctx)
+    return run_dir
+
+
+def _run_end_to_end(
+    ctx,
+    dataset,
+    data_root,
+    model,
+    pretrained,
+    decoder,
+    head,
+    name,
+    runs_dir,
+    saved,
+    resume,
+    init_head,
+    quiet,
+    model_overrides,
+    on_step_end,
+    train_overrides,
+) -> Path:
+    from muse_pipeline import __version__
+    from muse_pipeline.data import load_dataset
+    from muse_pipeline.encoders.clip import ClipEncoder
+    from muse_pipeline.training.data import CACHED, EndToEndPairDataset
+    from muse_pipeline.training.modules import EndToEndPairModel
+    from muse_pipeline.training.validate import EndToEndValidator
+
+    if saved is not None:
+        e2e = saved["end_to_end_source"]
+        dataset = dataset or e2e["dataset"]
+        data_root = data_root or e2e["data_root"]
+        model, pretrained, decoder = e2e["model"], e2e["pretrained"], e2e["decoder"]
+    if dataset is None or data_root is None:
+        raise ValueError("--end-to-end needs --dataset NAME and --data-root PATH")
+    index = load_dataset(dataset, data_root)
+    # CLIP is built on the CPU first: the pair model moves to the rank's device with the trainer.
+    encoder = ClipEncoder(model, pretrained=pretrained, device="cpu")
+    info = encoder.describe()
+    if saved is not None:
+        cfg = TrainConfig.from_dict(saved["train"])
+        _check_resume_overrides(cfg, train_overrides, head)
+        model_cfg = saved["model"]
+    else:
+        cfg = TrainConfig.from_preset(dataset, **train_overrides).replace(
+            head=head or "muse", end_to_end=True
+        )
+        from muse_pipeline.models.retrieval import LOGIT_SCALE_PRETRAINED, LOGIT_SCALE_SCRATCH
+
+        model_cfg = {
+            "head": cfg.head,
+            "dim": encoder.dim,
+            "grid": encoder.grid,
+            "max_frames": cfg.frames,
+            "text_adapter": cfg.text_adapter,
+            "logit_scale_init": LOGIT_SCALE_PRETRAINED if pretrained else LOGIT_SCALE_SCRATCH,
+            **(model_overrides or {}),
+        }
+    fp = {
+        "dataset": dataset,
+        "splits": sorted({v.split for v in index.videos}),
+        "model": model,
+        "weights": info["weights_id"],
+        "image_size": info["image_size"],
+        "num_tokens": info["num_tokens"],
+        "dim": info["dim"],
+        "frames": cfg.frames,
+        "words": cfg.words,
+        "decoder": decoder,
+        "annotation_checksum": index.annotation_checksum,
+        "mode": "end-to-end",
+        "code_version": __version__,
+    }
+    if saved is not None:
+        check_fingerprints(saved.get("fingerprint") or {}, fp, data_root, resume)
+    text_video = np.asarray([c.video_index for c in index.captions], dtype=np.int64)
+    plan = plan_splits(
+        [v.id for v in index.videos],
+        [v.split for v in index.videos],
+        np.full(len(index.videos), CACHED, np.uint8),
+        text_video,
+        cfg.val_fraction,
+    )
+    _check_plan(plan, data_root, cfg)
+    text_ids = encoder.tokenize([c.text for c in index.captions], cfg.words)
+    retrieval = _build_model(model_cfg, cfg.seed)
+    if init_head is not None and saved is None:
+        _init_from_run(retrieval, Path(init_head))
+    pair = EndToEndPairModel(encoder, retrieval)
+    # CLIP's own temperature (and SigLIP-style bias) are unused here: frozen, so DDP sees no unused grads.
+    encoder.model.logit_scale.requires_grad_(False)
+    if getattr(encoder.model, "logit_bias", None) is not None:
+        encoder.model.logit_bias.requires_grad_(False)
+    ds = EndToEndPairDataset(
+        index.videos,
+        text_video,
+        text_ids,
+        plan.train_texts,
+        cfg.frames,
+        encoder.image_size,
+        encoder.mean,
+        encoder.std,
+        decoder,
+    )
+    validator = EndToEndValidator(ds, plan, text_video, ctx.device)
+    if saved is not None:
+        run_dir = Path(resume)
+    else:
+        run_dir = _choose_run_dir(ctx, runs_dir, name, f"{dataset}-{cfg.head}-e2e")
+        config = {
+            "model": model_cfg,
+            "train": cfg.to_dict(),
+            "cache": None,
+            "fingerprint": fp,
+            "end_to_end": True,
+            "val_source": plan.val_source,
+            "end_to_end_source": {
+                "dataset": dataset,
+                "data_root": str(Path(data_root).resolve()),
+                "model": model,
+                "pretrained": pretrained,
+                "decoder": decoder,
+            },
+            "init_head": str(init_head) if init_head else None,
+            "n_train_texts": int(len(plan.train_texts)),
+            "n_val_videos": int(len(plan.val_videos)),
+            "world_size": ctx.world_size,
+        }
+        if ctx.is_main:
+            atomic_write_json(run_dir / "config.json", config)
+    return _fit(ctx, pair, ds, cfg, run_dir, validator, resume is not None, quiet, on_step_end, plan)
