@@ -353,7 +353,7 @@ def test_cache_dataset_reads_batches_with_repeated_videos(tmp_path):
 
 
 # ------------------------------------------------------------------------------- learning works
-LEARN_VIDEOS = 96  # synthetic splits 50/25/25 -> 48 train, 24 val, 24 test videos
+LEARN_VIDEOS = 192  # synthetic splits 50/25/25 -> 96 train, 48 val, 48 test videos (24 were too noisy)
 
 
 @pytest.fixture(scope="module")
@@ -381,8 +381,9 @@ def test_muse_head_learns_beyond_chance_and_zero_shot(tiny_cache, tmp_path):
 
     torch.set_num_threads(2)
     # A one-block, d_state-4 MUSE head keeps the pure-torch scan affordable on 2 CPU cores.
-    run = run_train(from_cache=tiny_cache, runs_dir=tmp_path, name="learn", head="muse", epochs=6,
-                    batch_size=16, lr=1e-3, num_workers=0, quiet=True,
+    # lr 3e-3 (head 3e-2), 10 epochs: measured on 2 CPUs, R@1 ~20% against 2% chance, in ~70 s.
+    run = run_train(from_cache=tiny_cache, runs_dir=tmp_path, name="learn", head="muse", epochs=10,
+                    batch_size=16, lr=3e-3, num_workers=0, quiet=True,
                     model_overrides={"depth": 1, "d_state": 4})
     config = json.loads((run / "config.json").read_text())
     assert config["val_source"] == "val split" and config["model"]["head"] == "muse"
@@ -391,5 +392,5 @@ def test_muse_head_learns_beyond_chance_and_zero_shot(tiny_cache, tmp_path):
     trained = evaluate_run(run)["metrics"]["t2v"]["R1"]
     zero_shot = evaluate_zero_shot(tiny_cache)["metrics"]["t2v"]["R1"]
     chance = 100.0 / (LEARN_VIDEOS // 4)
-    assert trained >= 2.5 * chance, (trained, zero_shot)
+    assert trained >= 4 * chance, (trained, zero_shot)
     assert trained >= zero_shot + 8.0, (trained, zero_shot)
