@@ -11,7 +11,7 @@ from muse_pipeline.cli.common import fail, setup_logging
 
 def demo_cmd(
     root: Path = typer.Option(Path("demo"), help="Folder for the demo's data, cache, runs, report and index."),
-    videos: int = typer.Option(96, help="Synthetic videos to generate (half train, a quarter val, a quarter test)."),
+    videos: int = typer.Option(192, help="Synthetic videos to generate (half train, a quarter val, a quarter test)."),
     epochs: int = typer.Option(None, help="Training epochs per head (default: the synthetic preset)."),
     workers: int = typer.Option(None, help="Extraction workers (default: sized to the machine; 0: no dask)."),
     fresh: bool = typer.Option(False, help="Delete an earlier demo folder and start over."),
