@@ -15,9 +15,9 @@ import math
 import time
 
 import torch
-from muse_pipeline.stages.evaluate import similarity_chunked
 
 from muse_pipeline.models.retrieval import ModelConfig, RetrievalModel
+from muse_pipeline.stages.evaluate import similarity_chunked
 
 
 @torch.inference_mode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
 from muse_pipeline.cli.common import console, fail
 
 
@@ -42,8 +43,9 @@ def search_cmd(
     device: str = typer.Option("cpu", help="cpu | cuda"),
 ) -> None:
     """Rank the indexed videos against a text query (cosine similarity of trained embeddings)."""
-    from muse_pipeline.stages.search import search, write_html
     from rich.table import Table
+
+    from muse_pipeline.stages.search import search, write_html
 
     try:
         hits = search(query, index, top_k=top_k, device=device)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import typer
+
 from muse_pipeline.cli.common import fail, setup_logging
 
 
@@ -54,7 +55,6 @@ def train_cmd(
         raise typer.Exit(relaunch(gpus, strip_gpus_flag(sys.argv)))
 
     from muse_pipeline.stages.train import ConfigMismatch, run_train
-
     from muse_pipeline.training.data import CacheError
     from muse_pipeline.training.loop import NonFiniteLossError
 

@@ -163,6 +163,17 @@ class ShardJob:
     device: str
     decoder: str
     frames: int
+    threads: int | None = None  # torch intra-op threads on the worker (None: leave as is)
+
+
+def _set_threads(threads: int | None) -> None:
+    """dask's nanny pins OMP_NUM_THREADS=1 in every worker (its pre-spawn-environ), which would leave
+    a CPU worker's encoder on one core; the client decides instead."""
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _decode_and_preprocess(job: ShardJob, offset: int, image_size: int, mean, std):
@@ -213,6 +224,7 @@ def process_shard(job: ShardJob, on_video: Callable[[], None] | None = None) -> 
 
     from muse_pipeline.cache.store import FeatureCache
 
+    _set_threads(job.threads)
     staging = Path(job.staging) / f"shard-{job.shard:06d}"
     staging.mkdir(parents=True, exist_ok=True)
     inflight_path = staging / "inflight.json"
@@ -287,6 +299,7 @@ class TextJob:
     model: str
     pretrained: str | None
     device: str
+    threads: int | None = None
 
 
 def process_texts(job: TextJob) -> dict:
@@ -295,6 +308,7 @@ def process_texts(job: TextJob) -> dict:
 
     from muse_pipeline.cache.store import FeatureCache
 
+    _set_threads(job.threads)
     cache = FeatureCache.open(job.store, mode="r+")
     ids = cache.read_text_tokens(np.arange(job.lo, job.hi))
     encoder = _encoder(job.model, job.pretrained, _worker_device(job.device))
@@ -345,7 +359,8 @@ def default_workers(device: str) -> int:
     return max(1, min(cores // 2, 8))
 
 
-def _shard_jobs(cfg: ExtractConfig, index: DatasetIndex, cache, staging: Path) -> list[ShardJob]:
+def _shard_jobs(cfg: ExtractConfig, index: DatasetIndex, cache, staging: Path,
+                threads: int | None) -> list[ShardJob]:
     done = cache.read_done()
     jobs = []
     for shard in range(cache.n_shards):
@@ -357,18 +372,18 @@ def _shard_jobs(cfg: ExtractConfig, index: DatasetIndex, cache, staging: Path) -
             store=str(cache.path), staging=str(staging), shard=shard, lo=lo, hi=hi,
             paths=tuple(str(v.path) for v in videos), windows=tuple((v.start, v.end) for v in videos),
             ids=tuple(v.id for v in videos), model=cfg.model, pretrained=cfg.pretrained,
-            device=cfg.device, decoder=cfg.decoder, frames=cfg.max_frames,
+            device=cfg.device, decoder=cfg.decoder, frames=cfg.max_frames, threads=threads,
         ))
     return jobs
 
 
-def _text_jobs(cfg: ExtractConfig, cache) -> list[TextJob]:
+def _text_jobs(cfg: ExtractConfig, cache, threads: int | None) -> list[TextJob]:
     done = cache.read_text_done()
     jobs = []
     for lo in range(0, cache.n_texts, TEXT_CHUNK):
         hi = min(lo + TEXT_CHUNK, cache.n_texts)
         if not done[lo:hi].all():
-            jobs.append(TextJob(str(cache.path), lo, hi, cfg.model, cfg.pretrained, cfg.device))
+            jobs.append(TextJob(str(cache.path), lo, hi, cfg.model, cfg.pretrained, cfg.device, threads))
     return jobs
 
 
@@ -394,11 +409,9 @@ def _merge_staged_failures(cache, staging: Path) -> None:
 def open_store(cfg: ExtractConfig, index: DatasetIndex):
     """Create the store, or reopen it when its fingerprint matches (FingerprintMismatch otherwise)."""
     from muse_pipeline.cache.store import FeatureCache
-    from muse_pipeline.encoders.clip import ClipEncoder, register_tiny_config
-
-    register_tiny_config()
     # The client needs the model's geometry and weights identity, and the tokenizer for the texts.
-    encoder = ClipEncoder(cfg.model, pretrained=cfg.pretrained, device="cpu")
+    # The same cached instance serves the in-process run (--workers 0): CLIP is loaded once.
+    encoder = _encoder(cfg.model, cfg.pretrained, "cpu")
     info = encoder.describe()
     path = cfg.store_path()
     staging = Path(str(path) + ".staging")
@@ -426,8 +439,12 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     index = load_dataset(cfg.dataset, Path(cfg.data_root).resolve(), cfg.splits)
     cache, staging = open_store(cfg, index)
     _merge_staged_failures(cache, staging)
-    shard_jobs = _shard_jobs(cfg, index, cache, staging)
-    text_jobs = _text_jobs(cfg, cache)
+    in_process = cfg.workers == 0 and cfg.scheduler is None
+    n_local = None if in_process or cfg.scheduler else (cfg.workers or default_workers(cfg.device))
+    # CPU cores shared out between the local workers; remote workers keep their own settings
+    threads = max(1, (os.cpu_count() or 1) // n_local) if n_local and cfg.device == "cpu" else None
+    shard_jobs = _shard_jobs(cfg, index, cache, staging, threads)
+    text_jobs = _text_jobs(cfg, cache, threads)
     done_before = _progress_count(cache, staging)
 
     from muse_pipeline.stages.progress import ExtractProgress
@@ -435,14 +452,14 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     progress = ExtractProgress(total=len(index.videos), completed=done_before, quiet=cfg.quiet)
     results: list[dict] = []
     with progress:
-        if cfg.workers == 0 and cfg.scheduler is None:
+        if in_process:
             for job in text_jobs:
                 process_texts(job)
             for job in shard_jobs:
                 results.append(process_shard(job, on_video=progress.advance))
                 _merge_staged_failures(cache, staging)
         else:
-            results = _run_on_dask(cfg, shard_jobs, text_jobs, progress, staging, cache)
+            results = _run_on_dask(cfg, n_local, shard_jobs, text_jobs, progress, staging, cache)
 
     cache = type(cache).open(cache.path, mode="r+")
     _merge_staged_failures(cache, staging)
@@ -458,19 +475,16 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     )
 
 
-def _run_on_dask(cfg, shard_jobs, text_jobs, progress, staging, cache) -> list[dict]:
+def _run_on_dask(cfg, n_workers, shard_jobs, text_jobs, progress, staging, cache) -> list[dict]:
     from distributed import Client, LocalCluster
 
     cluster = None
     if cfg.scheduler:
         client = Client(cfg.scheduler)
     else:
-        n_workers = cfg.workers or default_workers(cfg.device)
-        threads = max(1, (os.cpu_count() or 1) // n_workers)
-        # One torch thread pool per worker process; more dask threads would oversubscribe the cores.
+        # One task at a time per worker process: its torch thread pool (ShardJob.threads) uses the cores.
         cluster = LocalCluster(
             n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
         )
         client = Client(cluster)
     results: list[dict] = []

@@ -121,19 +121,20 @@ def run_reproduce(cfg: ReproduceConfig) -> Path:
     cache = summary.store
     zero_shot = evaluate_zero_shot(cache, split="test")
     run_name = f"{cfg.dataset}-{cfg.head}-{cfg.model}-{frames}f"
-    run_dir = train_from_settings(
-        cache=cache,
-        out=cfg.runs_dir / run_name,
-        dataset=cfg.dataset,
-        head=cfg.head,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        frames=frames,
-        device=device,
-        end_to_end=end_to_end,
-        data_root=cfg.data_root,
-        quiet=cfg.quiet,
-    )
+    if end_to_end:
+        source = dict(end_to_end=True, dataset=cfg.dataset, data_root=cfg.data_root, model=cfg.model,
+                      pretrained=cfg.pretrained or None, frames=frames)
+    else:
+        source = dict(from_cache=cache)
+    previous = cfg.runs_dir / run_name
+    if (previous / "config.json").exists():
+        # an earlier reproduce run of the same recipe: continue it (a finished one has nothing left)
+        run_dir = run_train(resume=previous, device=device, quiet=cfg.quiet)
+    else:
+        run_dir = run_train(
+            **source, head=cfg.head, name=run_name, runs_dir=cfg.runs_dir, device=device, quiet=cfg.quiet,
+            epochs=cfg.epochs, batch_size=cfg.batch_size,
+        )
     result = evaluate_run(run_dir, split="test", device=device)
     settings = {
         "dataset": cfg.dataset,

@@ -66,9 +66,9 @@ def build_index(
     made from a local weights file (its fingerprint keeps only the file's sha256). Returns out_path.
     """
     import zarr
-    from muse_pipeline.stages.evaluate import check_compatible, embed_videos, open_cache
 
     from muse_pipeline.models.checkpoint import load_run
+    from muse_pipeline.stages.evaluate import check_compatible, embed_videos, open_cache
 
     run_dir = Path(run_dir).resolve()
     model, config = load_run(run_dir, which=which)

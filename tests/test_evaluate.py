@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from muse_pipeline.stages import evaluate as ev
 
 from muse_pipeline.cache.store import FeatureCache
 from muse_pipeline.data.base import CaptionItem, DatasetIndex, VideoItem
 from muse_pipeline.metrics import retrieval_metrics
+from muse_pipeline.stages import evaluate as ev
 
 T, L, D = 3, 5, 8
 
@@ -294,9 +294,10 @@ def test_report_errors(tmp_path: Path) -> None:
 
 def test_cli_eval_zero_shot_and_report(tmp_path: Path) -> None:
     import typer
+    from typer.testing import CliRunner
+
     from muse_pipeline.cli.evaluate import eval_cmd
     from muse_pipeline.cli.report import report_cmd
-    from typer.testing import CliRunner
 
     app = typer.Typer()
     app.command("eval")(eval_cmd)

@@ -173,3 +173,24 @@ def test_cli_exit_status_reflects_max_failures(synth, tmp_path):
     lenient = subprocess.run(base + ["--out", str(tmp_path / "b.zarr"), "--max-failures", "0.5"],
                              capture_output=True, text=True)
     assert lenient.returncode == 0, lenient.stderr
+
+
+def test_cache_info_and_export_commands(reference_store, tmp_path):
+    import h5py
+    from typer.testing import CliRunner
+
+    from muse_pipeline.cli.main import app
+
+    runner = CliRunner()
+    info = runner.invoke(app, ["cache", "info", str(reference_store), "--json"])
+    assert info.exit_code == 0, info.output
+    assert '"muse-tiny"' in info.output and '"frames": 4' in info.output
+    out = tmp_path / "ref.h5"
+    export = runner.invoke(app, ["cache", "export", str(reference_store), "--format", "hdf5", "--out", str(out)])
+    assert export.exit_code == 0, export.output
+    with h5py.File(out, "r") as f:
+        assert np.array_equal(f["videos/tokens"][...], _arrays(reference_store)["videos/tokens"])
+    bad = runner.invoke(app, ["cache", "export", str(reference_store), "--format", "parquet"])
+    assert bad.exit_code != 0 and "unknown export format" in bad.output
+    missing = runner.invoke(app, ["cache", "info", str(tmp_path / "nope.zarr")])
+    assert missing.exit_code != 0 and "no cache" in missing.output

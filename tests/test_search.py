@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from muse_pipeline.stages import evaluate as ev
-from muse_pipeline.stages import search as se
 from test_evaluate import _real_meanp_run, make_store
 
 import muse_pipeline.models.checkpoint as checkpoint
 from muse_pipeline.cache.store import FeatureCache
+from muse_pipeline.stages import evaluate as ev
+from muse_pipeline.stages import search as se
 
 CAPTIONS = [
     "a red circle moves left",

@@ -313,7 +313,6 @@ FP = {"dataset": "synthetic", "model": "muse-tiny", "weights": "random-init", "f
 
 def test_missing_or_incomplete_cache_is_refused_before_training(tmp_path):
     from muse_pipeline.stages.train import run_train
-
     from muse_pipeline.training.data import CacheError
 
     with pytest.raises(CacheError, match="no cache at .*muse extract"):
@@ -358,9 +357,8 @@ LEARN_VIDEOS = 192  # synthetic splits 50/25/25 -> 96 train, 48 val, 48 test vid
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory) -> Path:
-    from muse_pipeline.stages.extract import run_extract
-
     from muse_pipeline.data.synthetic import generate_synthetic
+    from muse_pipeline.stages.extract import run_extract
 
     base = tmp_path_factory.mktemp("learn")
     root = generate_synthetic(base / "data", n_videos=LEARN_VIDEOS, seed=0)
@@ -374,10 +372,9 @@ def tiny_cache(tmp_path_factory) -> Path:
 def test_muse_head_learns_beyond_chance_and_zero_shot(tiny_cache, tmp_path):
     """Random-init muse-tiny CLIP: the head + text adapter trained from the cache beat chance and
     zero-shot meanP on held-out TEST videos (model selection used the val split only)."""
+    from muse_pipeline.models.checkpoint import load_run
     from muse_pipeline.stages.evaluate import evaluate_run, evaluate_zero_shot
     from muse_pipeline.stages.train import run_train
-
-    from muse_pipeline.models.checkpoint import load_run
 
     torch.set_num_threads(2)
     # A one-block, d_state-4 MUSE head keeps the pure-torch scan affordable on 2 CPU cores.
@@ -394,3 +391,25 @@ def test_muse_head_learns_beyond_chance_and_zero_shot(tiny_cache, tmp_path):
     chance = 100.0 / (LEARN_VIDEOS // 4)
     assert trained >= 4 * chance, (trained, zero_shot)
     assert trained >= zero_shot + 8.0, (trained, zero_shot)
+
+
+def test_end_to_end_run_trains_clip_and_evaluates(synthetic_root, tmp_path):
+    """CLIP in the loop: a real end-to-end run through run_train, then muse eval on its own CLIP."""
+    from muse_pipeline.stages.evaluate import evaluate_run
+    from muse_pipeline.stages.train import run_train
+
+    run = run_train(end_to_end=True, dataset="synthetic", data_root=synthetic_root, model="muse-tiny",
+                    head="meanP", runs_dir=tmp_path, name="e2e", epochs=1, batch_size=4, frames=2,
+                    clip_lr=1e-3, num_workers=0, quiet=True)
+    config = json.loads((run / "config.json").read_text())
+    assert config["end_to_end"] is True
+    _, clip_tensors = load_weights(run, "last")
+    assert clip_tensors, "an end-to-end run must save its fine-tuned CLIP"
+    from muse_pipeline.encoders.clip import ClipEncoder, register_tiny_config
+
+    register_tiny_config()
+    initial = ClipEncoder("muse-tiny").model.state_dict()
+    moved = [k for k, v in clip_tensors.items() if not torch.equal(v, initial[k])]
+    assert moved, "CLIP weights did not change in end-to-end training"
+    result = evaluate_run(run)
+    assert result["counts"]["videos"] > 0 and 0.0 <= result["metrics"]["t2v"]["R1"] <= 100.0
