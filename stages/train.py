@@ -355,9 +355,10 @@ def _run_end_to_end(
     on_step_end,
     train_overrides,
 ) -> Path:
-    from muse_pipeline import __version__
     from muse_pipeline.data import load_dataset
     from muse_pipeline.encoders.clip import ClipEncoder
+    from muse_pipeline.stages.extract import ExtractConfig
+    from muse_pipeline.stages.extract import fingerprint as extract_fingerprint
     from muse_pipeline.training.data import CACHED, EndToEndPairDataset
     from muse_pipeline.training.modules import EndToEndPairModel
     from muse_pipeline.training.validate import EndToEndValidator
@@ -392,21 +393,10 @@ def _run_end_to_end(
             "logit_scale_init": LOGIT_SCALE_PRETRAINED if pretrained else LOGIT_SCALE_SCRATCH,
             **(model_overrides or {}),
         }
-    fp = {
-        "dataset": dataset,
-        "splits": sorted({v.split for v in index.videos}),
-        "model": model,
-        "weights": info["weights_id"],
-        "image_size": info["image_size"],
-        "num_tokens": info["num_tokens"],
-        "dim": info["dim"],
-        "frames": cfg.frames,
-        "words": cfg.words,
-        "decoder": decoder,
-        "annotation_checksum": index.annotation_checksum,
-        "mode": "end-to-end",
-        "code_version": __version__,
-    }
+    # the same identity as a cache of these frames would carry (model, weights, frames, annotations...)
+    source = ExtractConfig(dataset=dataset, data_root=Path(data_root), model=model, pretrained=pretrained,
+                           frames=cfg.frames, words=cfg.words, decoder=decoder)
+    fp = {**extract_fingerprint(source, index, info), "mode": "end-to-end"}
     if saved is not None:
         check_fingerprints(saved.get("fingerprint") or {}, fp, data_root, resume)
     text_video = np.asarray([c.video_index for c in index.captions], dtype=np.int64)
