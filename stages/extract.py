@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -537,10 +537,3 @@ def _progress_count(cache, staging: Path) -> int:
             if (done[lo:hi] == 0).all():
                 count += sum(1 for p in folder.iterdir() if p.suffix in (".npy", ".fail"))
     return count
-
-
-def summary_dict(summary: ExtractSummary) -> dict:
-    data = asdict(summary)
-    data["store"] = str(summary.store)
-    data["failure_rate"] = summary.failure_rate
-    return data
