@@ -204,6 +204,29 @@ def run_train(
     )
 
 
+def _resumed_configs(saved: dict, train_overrides: dict, head: str | None) -> tuple[TrainConfig, dict]:
+    """A resumed run keeps its recipe; only the RESUME_FREE knobs (workers, logging...) may change."""
+    cfg = TrainConfig.from_dict(saved["train"])
+    _check_resume_overrides(cfg, train_overrides, head)
+    cfg = cfg.replace(**{k: v for k, v in train_overrides.items() if k in RESUME_FREE and v is not None})
+    return cfg, saved["model"]
+
+
+def _new_model_config(cfg: TrainConfig, dim: int, grid: int, random_init: bool,
+                      model_overrides: dict | None) -> dict:
+    from muse_pipeline.models.retrieval import LOGIT_SCALE_PRETRAINED, LOGIT_SCALE_SCRATCH
+
+    return {
+        "head": cfg.head,
+        "dim": dim,
+        "grid": grid,
+        "max_frames": cfg.frames,
+        "text_adapter": cfg.text_adapter,
+        "logit_scale_init": LOGIT_SCALE_SCRATCH if random_init else LOGIT_SCALE_PRETRAINED,
+        **(model_overrides or {}),
+    }
+
+
 def _run_from_cache(
     ctx,
     cache_path: Path,
@@ -226,10 +249,7 @@ def _run_from_cache(
     fp = arrays.fingerprint
     if saved is not None:
         check_fingerprints(saved.get("fingerprint") or {}, fp, cache_path, resume)
-        cfg = TrainConfig.from_dict(saved["train"])
-        _check_resume_overrides(cfg, train_overrides, head)
-        cfg = cfg.replace(**{k: v for k, v in train_overrides.items() if k in RESUME_FREE and v is not None})
-        model_cfg = saved["model"]
+        cfg, model_cfg = _resumed_configs(saved, train_overrides, head)
     else:
         for key, have in (("frames", arrays.frames), ("words", fp.get("words"))):
             given = train_overrides.get(key)
@@ -246,17 +266,8 @@ def _run_from_cache(
             words=int(fp.get("words", 32)),
             head=head or train_overrides.get("head") or "muse",
         )
-        from muse_pipeline.models.retrieval import LOGIT_SCALE_PRETRAINED, LOGIT_SCALE_SCRATCH
-
-        model_cfg = {
-            "head": cfg.head,
-            "dim": arrays.dim,
-            "grid": _grid(arrays.num_tokens),
-            "max_frames": arrays.frames,
-            "text_adapter": cfg.text_adapter,
-            "logit_scale_init": LOGIT_SCALE_SCRATCH if _is_random_init(fp) else LOGIT_SCALE_PRETRAINED,
-            **(model_overrides or {}),
-        }
+        model_cfg = _new_model_config(cfg, arrays.dim, _grid(arrays.num_tokens), _is_random_init(fp),
+                                      model_overrides)
     plan = plan_splits(
         arrays.video_ids, arrays.video_split, arrays.video_done, arrays.text_video, cfg.val_fraction
     )
@@ -375,24 +386,12 @@ def _run_end_to_end(
     encoder = ClipEncoder(model, pretrained=pretrained, device="cpu")
     info = encoder.describe()
     if saved is not None:
-        cfg = TrainConfig.from_dict(saved["train"])
-        _check_resume_overrides(cfg, train_overrides, head)
-        model_cfg = saved["model"]
+        cfg, model_cfg = _resumed_configs(saved, train_overrides, head)
     else:
         cfg = TrainConfig.from_preset(dataset, **train_overrides).replace(
             head=head or "muse", end_to_end=True
         )
-        from muse_pipeline.models.retrieval import LOGIT_SCALE_PRETRAINED, LOGIT_SCALE_SCRATCH
-
-        model_cfg = {
-            "head": cfg.head,
-            "dim": encoder.dim,
-            "grid": encoder.grid,
-            "max_frames": cfg.frames,
-            "text_adapter": cfg.text_adapter,
-            "logit_scale_init": LOGIT_SCALE_PRETRAINED if pretrained else LOGIT_SCALE_SCRATCH,
-            **(model_overrides or {}),
-        }
+        model_cfg = _new_model_config(cfg, encoder.dim, encoder.grid, pretrained is None, model_overrides)
     # the same identity as a cache of these frames would carry (model, weights, frames, annotations...)
     source = ExtractConfig(dataset=dataset, data_root=Path(data_root), model=model, pretrained=pretrained,
                            frames=cfg.frames, words=cfg.words, decoder=decoder)
