@@ -3,19 +3,88 @@
 from __future__ import annotations
 
 import logging
-from typing import NoReturn
+import os
+import sys
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
+
+from muse_pipeline.errors import UserError
+
+try:  # typer >= 0.20 vendors its own click; older typer uses the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 console = Console()
 err_console = Console(stderr=True)
 
+DEBUG_ENV = "MUSE_DEBUG"
+
+
+def one_line(message: str) -> str:
+    """A message as one line: a multi-line reason is joined with '; ' (tests and logs grep lines)."""
+    parts = [part.strip() for part in str(message).splitlines() if part.strip()]
+    return "; ".join(parts) or "unknown error"
+
+
+def print_error(message: str) -> None:
+    # soft_wrap: rich would otherwise break a long message at the terminal width (80 in a pipe).
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", soft_wrap=True, highlight=False)
+
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}")
+    print_error(message)
     raise typer.Exit(code)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class MuseGroup(TyperGroup):
+    """The `muse` command group: user errors become one `error:` line, bugs keep their traceback.
+
+    `--debug` is accepted anywhere on the command line (`muse --debug extract ...` or
+    `muse extract ... --debug`) and sets MUSE_DEBUG=1, which re-raises user errors with their
+    traceback. Usage errors of click (bad option values, unknown choices) are shortened to one line
+    as well, pointing at `--help`.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if "--debug" in argv[: argv.index("--") if "--" in argv else len(argv)]:
+            argv.remove("--debug")
+            os.environ[DEBUG_ENV] = "1"
+        if not standalone_mode:
+            return super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else 0
+        except UserError as exc:
+            if debug_enabled():
+                raise
+            print_error(str(exc))
+            code = exc.exit_code
+        except click_exceptions.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            code = exc.exit_code
+        except click_exceptions.UsageError as exc:
+            hint = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+            print_error(f"{exc.format_message()}{hint}")
+            code = exc.exit_code
+        except click_exceptions.ClickException as exc:
+            print_error(exc.format_message())
+            code = exc.exit_code
+        except typer.Abort:
+            print_error("aborted")
+            code = 1
+        sys.exit(code)
 
 
 def setup_logging(quiet: bool = False) -> None:

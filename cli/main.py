@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from muse_pipeline.cli.cache import cache_app
+from muse_pipeline.cli.common import MuseGroup
 from muse_pipeline.cli.evaluate import eval_cmd
 from muse_pipeline.cli.extract import extract_cmd
 from muse_pipeline.cli.pipeline import demo_cmd, reproduce_cmd
@@ -16,7 +17,18 @@ app = typer.Typer(
     help="MUSE text-video retrieval: extract CLIP tokens -> train heads -> eval / index / search.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    cls=MuseGroup,
 )
+
+
+@app.callback()
+def main_callback(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of user errors too (same as MUSE_DEBUG=1); "
+        "accepted before or after the command.",
+    ),
+) -> None:
+    """MUSE text-video retrieval: extract CLIP tokens -> train heads -> eval / index / search."""
 app.command("extract")(extract_cmd)
 app.command("train")(train_cmd)
 app.command("eval")(eval_cmd)

@@ -8,7 +8,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from muse_pipeline.errors import UserError
+
 T = TypeVar("T")
+
+
+class UnknownName(UserError, KeyError):
+    """`Registry.get` of a name nobody registered (a KeyError too, for callers that expect one)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -32,7 +41,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise UnknownName(f"unknown {self.kind} {name!r}; choose one of: {known}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

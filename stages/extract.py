@@ -35,6 +35,7 @@ from muse_pipeline import __version__
 from muse_pipeline.cache.store import ROW_CHUNK as TEXT_CHUNK  # one text task per texts/* chunk
 from muse_pipeline.config import preset
 from muse_pipeline.data import DatasetIndex, load_dataset
+from muse_pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -523,8 +524,10 @@ def _run_on_dask(cfg, n_workers, shard_jobs, text_jobs, progress, staging, cache
     return results
 
 
-class ExtractIncomplete(RuntimeError):
+class ExtractIncomplete(UserError, RuntimeError):
     """Some shards could not be finished in this run; rerunning resumes them."""
+
+    exit_code = 1
 
 
 def _progress_count(cache, staging: Path) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from muse_pipeline.config import preset
 from muse_pipeline.data import AnnotationError, load_dataset
+from muse_pipeline.errors import UserError
 
 # Spec section 10 (ViT-B/32, text -> video).
 PUBLISHED: dict[str, list[tuple[str, dict[str, float]]]] = {
@@ -52,7 +53,7 @@ then run: make reproduce-activitynet ACTIVITYNET_ROOT=/path/to/activitynet""",
 }
 
 
-class DataMissing(RuntimeError):
+class DataMissing(UserError, RuntimeError):
     """The benchmark's files are absent; the message says where to get them and how to lay them out."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from muse_pipeline.errors import UserError
 from muse_pipeline.models.checkpoint import atomic_write_json, load_weights, read_run_config
 from muse_pipeline.training.config import TrainConfig
 from muse_pipeline.training.data import CacheError, SplitPlan, plan_splits
@@ -44,7 +45,7 @@ MATCH_KEYS = (
 RESUME_FREE = {"num_workers", "log_every"}
 
 
-class ConfigMismatch(ValueError):
+class ConfigMismatch(UserError, ValueError):
     """A resumed run and the cache (or the options given) disagree; lists the differing keys."""
 
 

@@ -40,6 +40,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from muse_pipeline.data.base import SPLITS, DatasetIndex
+from muse_pipeline.errors import UserError
 
 FORMAT = "muse-cache"
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ ROW_CHUNK = 65536
 PENDING, CACHED, FAILED = 0, 1, 2
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(UserError, ValueError):
     """An existing cache was built with different settings; `keys` lists what differs."""
 
     def __init__(self, path: Path | str, keys: Sequence[str]) -> None:

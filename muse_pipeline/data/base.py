@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from muse_pipeline.errors import UserError
 from muse_pipeline.registry import Registry
 
 SPLITS = ("train", "val", "test")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """A malformed annotation: the message names the file and the entry."""
 
     def __init__(self, path: Path | str, message: str, entry: object | None = None) -> None:

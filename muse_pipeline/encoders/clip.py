@@ -24,6 +24,8 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import VisionTransformer
 
+from muse_pipeline.errors import UserError
+
 # Directory with this package's open_clip model configs (`muse-tiny`, `muse-tiny-16`).
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 TINY_MODEL = "muse-tiny"
@@ -34,7 +36,7 @@ RANDOM_INIT = "random-init"
 RANDOM_INIT_SEED = 0
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The open_clip model is not a standard ViT CLIP whose tokens this module knows how to read."""
 
 

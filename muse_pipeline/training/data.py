@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
+from muse_pipeline.errors import UserError
+
 # videos/done values (docs/ARCHITECTURE.md)
 PENDING, CACHED, FAILED = 0, 1, 2
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The cache cannot be trained from (missing, incomplete, or empty training split)."""
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from muse_pipeline.errors import UserError
 from muse_pipeline.models.checkpoint import atomic_torch_save, save_run_weights
 from muse_pipeline.models.loss import contrastive_loss
 from muse_pipeline.models.params import param_groups
@@ -41,8 +42,10 @@ from muse_pipeline.training.schedule import cosine_with_warmup, warmup_steps_for
 STATE_VERSION = 1
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss (or gradient norm) became NaN/inf: the run stopped, the last good checkpoint is kept."""
+
+    exit_code = 1
 
 
 @dataclass
