@@ -367,3 +367,32 @@ def test_folder_with_captions_jsonl_and_errors(tmp_path):
     (tmp_path / "captions.csv").write_text("file,text\na.mp4,x\n")
     with pytest.raises(AnnotationError, match=r"captions\.csv.*missing column"):
         load_dataset("folder", tmp_path)
+
+
+def test_folder_same_name_different_extensions_are_two_videos(tmp_path):
+    _touch(tmp_path / "clip.mp4")
+    _touch(tmp_path / "clip.mkv")
+    _touch(tmp_path / "other.mp4")
+    index = load_dataset("folder", tmp_path)
+    assert [(v.id, v.path.name) for v in index.videos] == [
+        ("clip.mkv", "clip.mkv"), ("clip.mp4", "clip.mp4"), ("other", "other.mp4"),
+    ]
+    (tmp_path / "captions.csv").write_text("video,caption\nclip.mkv,the mkv one\nother,o\n")
+    index = load_dataset("folder", tmp_path)
+    assert _pairs(index) == [("clip.mkv", "the mkv one"), ("other", "o")]
+    (tmp_path / "captions.csv").write_text("video,caption\nclip,which one?\n")
+    with pytest.raises(AnnotationError, match="ambiguous"):
+        load_dataset("folder", tmp_path)
+
+
+def test_folder_follows_symlinked_folders_and_stops_at_loops(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    _touch(root / "a.mp4")
+    _touch(elsewhere / "deep" / "b.mp4")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "deep" / "back").symlink_to(elsewhere, target_is_directory=True)  # a loop
+    (root / "self").symlink_to(root, target_is_directory=True)  # another loop
+    (root / "dangling").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    index = load_dataset("folder", root)
+    assert [v.id for v in index.videos] == ["a", "linked/deep/b"]
+    assert index.videos[1].path == root / "linked" / "deep" / "b.mp4"

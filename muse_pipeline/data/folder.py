@@ -1,7 +1,8 @@
 """A user's own directory of videos, with optional captions; plus the file helpers every loader shares.
 
-Layout: video files anywhere under `root/` (searched recursively). A video's id is its path
-relative to `root`, without extension, with "/" separators ("trips/beach"). Optional captions in
+Layout: video files anywhere under `root/` (searched recursively, symlinked folders followed). A
+video's id is its path relative to `root`, without extension, with "/" separators ("trips/beach");
+files that share a name in one folder keep their extension in the id ("clip.mp4", "clip.mkv"). Optional captions in
 `root/captions.csv` (columns `video`, `caption`, optional `split`, `start`, `end`) or
 `root/captions.jsonl` (one object per line with the same keys). `video` names a file by id, by
 relative path, or by file name when that is unambiguous. Videos without captions get no caption
@@ -44,16 +45,54 @@ def strip_video_extension(name: str) -> str:
 
 
 def scan_videos(directory: Path, recursive: bool = True) -> list[Path]:
-    """Video files under `directory`, sorted; hidden files and folders are skipped."""
+    """Video files under `directory`, sorted; hidden files and folders are skipped.
+
+    Symlinked folders are followed (a dataset assembled from links is common); a folder reached a
+    second time (a link loop, or two links to one folder) is skipped, so the walk always ends and
+    no file is listed twice through the same folder.
+    """
     if not directory.is_dir():
         return []
     found = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+    seen: set[tuple[int, int]] = set()
+
+    def first_visit(path: str) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:  # a dangling link or no permission: nothing to list there
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    first_visit(str(directory))
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        keep = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        dirnames[:] = [d for d in keep if first_visit(os.path.join(dirpath, d))]
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS:
                 found.append(Path(dirpath) / name)
     return sorted(found)
+
+
+def video_ids(root: Path, files: Sequence[Path]) -> dict[str, Path]:
+    """id -> file: the path relative to `root` without extension ("trips/beach"), or WITH the
+    extension for files that share a name in one folder ("clip.mp4", "clip.mkv": two videos)."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(path.relative_to(root).with_suffix("").as_posix(), []).append(path)
+    ids: dict[str, Path] = {}
+    for stem, paths in by_stem.items():
+        for path in paths:
+            vid = stem if len(paths) == 1 else path.relative_to(root).as_posix()
+            if vid in ids:
+                raise AnnotationError(
+                    root, f"two files give the video id {vid!r} ({ids[vid].name}, {path.name}); rename one"
+                )
+            ids[vid] = path
+    return dict(sorted(ids.items()))
 
 
 class VideoFinder:
@@ -174,8 +213,7 @@ def load_folder(root: Path) -> DatasetIndex:
     root = Path(root)
     if not root.is_dir():
         raise AnnotationError(root, "not a directory")
-    files = scan_videos(root, recursive=True)
-    ids = {p.relative_to(root).with_suffix("").as_posix(): p for p in files}
+    ids = video_ids(root, scan_videos(root, recursive=True))
     # Lookup by id, by relative path with extension, and by bare file name when unique.
     lookup: dict[str, str] = {}
     name_count: dict[str, int] = {}
@@ -198,6 +236,11 @@ def load_folder(root: Path) -> DatasetIndex:
         assert caption_file is not None
         name = str(row["video"]).strip()
         vid = lookup.get(name) or lookup.get(name.removeprefix("./"))
+        if vid is None and name_count.get(name.removeprefix("./").rsplit("/", 1)[-1], 0) > 1:
+            raise AnnotationError(
+                caption_file, f"video {name!r} is ambiguous (several files have that name); "
+                "name it by its path with the extension", entry=entry,
+            )
         if vid is None:
             raise AnnotationError(caption_file, f"caption refers to unknown video {name!r}", entry=entry)
         start = _parse_time(caption_file, row.get("start"), "start", entry)
