@@ -7,14 +7,21 @@ from pathlib import Path
 
 import typer
 
-from muse_pipeline.cli.common import console, fail, print_failures
+from muse_pipeline.cli.common import console, fail, print_failures, print_warnings
 
 cache_app = typer.Typer(help="Inspect or export a feature cache.", no_args_is_help=True)
 
 
 def _require_store(path: Path) -> None:
+    """One `error:` line unless `path` is a muse feature cache (checked before anything is written)."""
+    from muse_pipeline.cache.store import FeatureCache
+
     if not path.exists():
         fail(f"no cache at {path}")
+    try:
+        FeatureCache.open(path, mode="r")
+    except (ValueError, KeyError, OSError) as exc:
+        fail(f"{path} is not a readable muse cache: {exc}")
 
 
 @cache_app.command("info")
@@ -37,7 +44,7 @@ def info_cmd(
         return
     table = Table(title=str(path), title_justify="left", show_header=False)
     for key, value in info.items():
-        if key in ("fingerprint", "failures"):
+        if key in ("fingerprint", "failures", "warnings", "failure_history"):
             continue
         table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict | list) else str(value))
     console.print(table)
@@ -47,6 +54,11 @@ def info_cmd(
     console.print(fp)
     if info.get("failures"):
         print_failures(info["failures"])
+    if info.get("warnings"):
+        print_warnings(info["warnings"])
+    if info.get("failure_history"):
+        console.print(f"{len(info['failure_history'])} earlier failure record(s) of retried videos: "
+                      "`muse cache info --json` lists them")
 
 
 @cache_app.command("export")
@@ -62,5 +74,8 @@ def export_cmd(
     if format.lower() not in ("hdf5", "h5"):
         fail(f"unknown export format {format!r}; supported: hdf5")
     target = out or path.with_suffix(".h5")
-    export_hdf5(path, target)
+    try:
+        export_hdf5(path, target)
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror or exc}; choose another --out")
     console.print(f"wrote {target}")

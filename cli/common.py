@@ -114,6 +114,18 @@ def print_failures(failures: list[dict], limit: int = 20) -> None:
     err_console.print(table)
 
 
+def print_warnings(warnings: list[dict], limit: int = 20) -> None:
+    """Cached videos the decoder had to patch up (e.g. a damaged frame replaced by its neighbour)."""
+    table = Table(title=f"videos cached with decoder warnings ({len(warnings)})", title_justify="left")
+    table.add_column("id")
+    table.add_column("warning")
+    for w in warnings[:limit]:
+        table.add_row(str(w["id"]), str(w["warning"]))
+    if len(warnings) > limit:
+        table.add_row("...", f"{len(warnings) - limit} more: `muse cache info STORE --json`")
+    err_console.print(table)
+
+
 def print_extract_summary(summary) -> None:
     table = Table(title="extraction summary", title_justify="left", show_header=False)
     table.add_row("store", str(summary.store))
@@ -121,6 +133,13 @@ def print_extract_summary(summary) -> None:
     table.add_row("texts", str(summary.n_texts))
     rate = summary.frames_encoded / summary.seconds if summary.seconds > 0 else 0.0
     table.add_row("this run", f"{summary.frames_encoded} frames in {summary.seconds:.1f} s ({rate:.1f} frames/s)")
+    if getattr(summary, "batch_sizes", None):
+        sizes = summary.batch_sizes
+        table.add_row("encoder batches", f"{len(sizes)}, {min(sizes)}-{max(sizes)} frames (mean {sum(sizes) / len(sizes):.0f})")
+    if getattr(summary, "retried", 0):
+        table.add_row("retried", f"{summary.retried} earlier failed video(s)")
     console.print(table)
     if summary.failures:
         print_failures(summary.failures)
+    if getattr(summary, "warnings", None):
+        print_warnings(summary.warnings)

@@ -60,6 +60,8 @@ def cache_info(path: Path | str) -> dict[str, Any]:
         "bytes_on_disk": bytes_on_disk(cache.path),
         "fingerprint": cache.fingerprint,
         "failures": cache.failures,
+        "warnings": cache.warnings,
+        "failure_history": cache.failure_history,
     }
 
 
@@ -90,6 +92,7 @@ def export_hdf5(cache_path: Path | str, out_path: Path | str, compression_level:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["fingerprint"] = json.dumps(cache.fingerprint, sort_keys=True)
             f.attrs["failures"] = json.dumps(cache.failures)
+            f.attrs["warnings"] = json.dumps(cache.warnings)
             videos, texts = f.create_group("videos"), f.create_group("texts")
             tokens = videos.create_dataset("tokens", dtype="float16", **gz((n, t, nt, d), (1, t, nt, d)))
             mask = videos.create_dataset("mask", dtype="uint8", **gz((n, t), (min(n, 4096), t)))

@@ -557,16 +557,61 @@ class FeatureCache:
             self._t_emb[lo : lo + m] = embeddings
             self._t_done[lo : lo + m] = 1
 
-    def add_failures(self, failures: Iterable[Mapping[str, str]]) -> None:
-        """Append {id, reason} records to the failures ledger (client process only); a newer record
-        for the same id replaces the older one."""
+    def add_failures(self, failures: Iterable[Mapping[str, Any]]) -> None:
+        """Append {id, reason, ...} records to the failures ledger (client process only); a newer
+        record for the same id replaces the older one, which moves to `failure_history`. Extra
+        JSON-serialisable keys (e.g. the file's size and mtime) are kept."""
         self._require_writable()
-        new = [{"id": str(f["id"]), "reason": str(f["reason"])} for f in failures]
+        new = [{**_normalise(dict(f)), "id": str(f["id"]), "reason": str(f["reason"])} for f in failures]
         if not new:
             return
         replaced = {f["id"] for f in new}
-        kept = [f for f in self.failures if f["id"] not in replaced]
-        self._root.attrs.update({"failures": kept + new})
+        old = self.failures
+        kept = [f for f in old if f["id"] not in replaced]
+        history = self.failure_history + [f for f in old if f["id"] in replaced]
+        self._root.attrs.update({"failures": kept + new, "failure_history": history})
+
+    @property
+    def failure_history(self) -> list[dict[str, Any]]:
+        """Earlier failure records of videos that were retried (oldest first)."""
+        return [dict(f) for f in self._root.attrs.get("failure_history", [])]
+
+    def retire_failures(self, ids: Iterable[str]) -> None:
+        """Move the ledger records of `ids` to `failure_history` (they are being retried)."""
+        self._require_writable()
+        ids = {str(i) for i in ids}
+        old = self.failures
+        moved = [f for f in old if f["id"] in ids]
+        if moved:
+            self._root.attrs.update({
+                "failures": [f for f in old if f["id"] not in ids],
+                "failure_history": self.failure_history + moved,
+            })
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        """{id, warning} records of cached videos the decoder had to patch up (see decode.py)."""
+        return [dict(w) for w in self._root.attrs.get("warnings", [])]
+
+    def add_warnings(self, warnings: Iterable[Mapping[str, Any]]) -> None:
+        """Record {id, warning} entries (client process only); a newer entry for an id replaces it."""
+        self._require_writable()
+        new = [{"id": str(w["id"]), "warning": str(w["warning"])} for w in warnings]
+        if not new:
+            return
+        replaced = {w["id"] for w in new}
+        self._root.attrs.update({"warnings": [w for w in self.warnings if w["id"] not in replaced] + new})
+
+    def mark_pending(self, indices: Sequence[int] | np.ndarray) -> None:
+        """Set videos back to pending (done = 0, mask = 0) so that the next extraction redoes them.
+        Only while no extraction task writes their shards (the extractor calls it before starting)."""
+        self._require_writable()
+        idx = np.unique(np.asarray(indices, dtype=np.int64).reshape(-1))
+        if idx.size == 0:
+            return
+        self._mask.oindex[idx] = np.zeros((idx.size, self.frames), np.uint8)
+        self._done.oindex[idx] = np.zeros(idx.size, np.uint8)
+        self._done_cache.clear()
 
     # ---------------------------------------------------------------------------------- reads
     def read_videos(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ with `UnsupportedModelError` instead of caching features of a different meaning.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import VisionTransformer
 
-from muse_pipeline.errors import UserError
+from muse_pipeline.errors import InputError, UserError
 
 # Directory with this package's open_clip model configs (`muse-tiny`, `muse-tiny-16`).
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -34,10 +35,24 @@ RANDOM_INIT = "random-init"
 # the same model name with `pretrained=None` gets the same weights: the cache fingerprint says
 # "random-init" and that must name one set of weights.
 RANDOM_INIT_SEED = 0
+# Inference precisions of the frozen towers; "auto": float16 on CUDA (tensor cores), float32 on CPU.
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class UnsupportedModelError(UserError, ValueError):
     """The open_clip model is not a standard ViT CLIP whose tokens this module knows how to read."""
+
+
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip warns on the root logger that a model without weights is randomly initialised:
+    with `pretrained=None` that is the request (and the fingerprint says "random-init")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+class WeightsNotFound(InputError, FileNotFoundError):
+    """`pretrained` looks like a file path but there is no such file."""
 
 
 def register_tiny_config() -> None:
@@ -62,6 +77,60 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"))
 
 
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """"auto" -> "fp16" on CUDA, "fp32" elsewhere; other names are checked against PRECISIONS."""
+    if precision == "auto":
+        return "fp16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
+def check_model_name(model_name: str) -> None:
+    """InputError unless open_clip (with this package's tiny configs) knows `model_name`."""
+    register_tiny_config()
+    if model_name not in open_clip.list_models():
+        raise InputError(
+            f"unknown open_clip model {model_name!r}; known include: "
+            f"{', '.join(m for m in open_clip.list_models() if m.startswith(('ViT-B', 'muse')))}, ..."
+        )
+
+
+def check_pretrained(model_name: str, pretrained: str | None) -> None:
+    """InputError unless `pretrained` is None, an open_clip tag of the model, or a readable weights
+    file (a torch checkpoint or safetensors; read lazily, so a large file costs no full load)."""
+    if pretrained is None:
+        return
+    if os.path.isdir(pretrained):
+        raise InputError(f"--pretrained {pretrained} is a folder; give a weights file or a pretrained tag")
+    if os.path.isfile(pretrained):
+        try:
+            if str(pretrained).endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(pretrained, framework="pt") as f:
+                    f.keys()
+            else:
+                try:
+                    torch.load(pretrained, map_location="cpu", mmap=True, weights_only=True)
+                except RuntimeError:  # an old (non-zip) checkpoint cannot be memory-mapped
+                    torch.load(pretrained, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  any failure to read means "not weights"
+            raise InputError(
+                f"--pretrained {pretrained} is not a weights file torch can read "
+                f"({type(err).__name__}); give a .pt/.bin/.safetensors checkpoint or a pretrained tag"
+            ) from None
+        return
+    if _looks_like_path(pretrained):
+        raise WeightsNotFound(f"pretrained weights file not found: {pretrained}")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise InputError(
+            f"{pretrained!r} is neither a file nor a pretrained tag of {model_name}; "
+            f"tags: {', '.join(tags) or '(none)'}"
+        )
+
+
 class ClipEncoder:
     """A frozen open_clip CLIP model in eval mode.
 
@@ -75,15 +144,13 @@ class ClipEncoder:
         model_name: str = "ViT-B-32",
         pretrained: str | os.PathLike[str] | None = None,
         device: str = "cpu",
+        precision: str = "fp32",
     ) -> None:
-        register_tiny_config()
-        if model_name not in open_clip.list_models():
-            raise ValueError(
-                f"unknown open_clip model {model_name!r}; known include: "
-                f"{', '.join(m for m in open_clip.list_models() if m.startswith(('ViT-B', 'muse')))}, ..."
-            )
+        check_model_name(model_name)
         self.model_name = model_name
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self._pinned: torch.Tensor | None = None  # reused host buffer for CUDA uploads
         kwargs: dict[str, Any] = {}
         if pretrained is None:
             self.weights_id = RANDOM_INIT
@@ -94,7 +161,7 @@ class ClipEncoder:
         elif isinstance(pretrained, str) and not _looks_like_path(pretrained):
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if pretrained not in tags:
-                raise ValueError(
+                raise InputError(
                     f"{pretrained!r} is neither a file nor a pretrained tag of {model_name}; "
                     f"tags: {', '.join(tags) or '(none)'}"
                 )
@@ -105,11 +172,29 @@ class ClipEncoder:
             if open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False):
                 kwargs["force_quick_gelu"] = True
         else:
-            raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
+            raise WeightsNotFound(f"pretrained weights file not found: {pretrained}")
 
+        quiet = _NoRandomInitWarning() if source is None else None  # random init is on purpose here
+        root_logger = logging.getLogger()
+        if quiet is not None:
+            root_logger.addFilter(quiet)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = open_clip.create_model(model_name, pretrained=source, device=self.device, **kwargs)
+            try:
+                model = open_clip.create_model(model_name, pretrained=source, device=self.device, **kwargs)
+            except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
+                if source is None or not os.path.isfile(source):
+                    raise
+                # a file that is not (these) weights: a user's mistake, not a bug
+                raise InputError(
+                    f"--pretrained {source} does not hold {model_name} weights open_clip can load "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+                ) from err
+            finally:
+                if quiet is not None:
+                    root_logger.removeFilter(quiet)
+        if self.precision != "fp32":
+            model = model.to(PRECISIONS[self.precision])
         self.quick_gelu = bool(kwargs.get("force_quick_gelu", False)) or bool(
             (open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)
         )
@@ -210,9 +295,25 @@ class ClipEncoder:
         return x @ v.proj
 
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [N, 3, S, S] -> float32 [N, L, D] on the CPU (no grad); row 0 = `encode_image`."""
+        """pixels [N, 3, S, S] -> float32 [N, L, D] on the CPU (no grad); row 0 = `encode_image`.
+
+        On CUDA the pixels go up through a reused pinned host buffer (an asynchronous copy that the
+        encoder's first kernel waits for) instead of being pinned anew for every batch."""
         with torch.inference_mode():
-            return self.frame_tokens(pixels).float().cpu()
+            return self.frame_tokens(self.upload(pixels)).float().cpu()
+
+    def upload(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Host pixels -> the model's device (pinned, non-blocking on CUDA; unchanged on CPU)."""
+        if self.device.type != "cuda" or pixels.device.type == "cuda":
+            return pixels
+        pixels = pixels.contiguous()
+        n = pixels.numel()
+        if self._pinned is None or self._pinned.numel() < n or self._pinned.dtype != pixels.dtype:
+            self._pinned = torch.empty(max(n, 1), dtype=pixels.dtype).pin_memory()
+        # The buffer is reused only after the previous batch's result came back with .cpu() (a sync).
+        staged = self._pinned[:n].view(pixels.shape)
+        staged.copy_(pixels)
+        return staged.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------------------------- text
     def tokenize(self, texts: Sequence[str] | str, max_words: int) -> np.ndarray:
@@ -220,7 +321,7 @@ class ClipEncoder:
         if isinstance(texts, str):
             texts = [texts]
         if not 3 <= max_words <= self.context_length:
-            raise ValueError(f"max_words must be in [3, {self.context_length}], got {max_words}")
+            raise InputError(f"max_words (--words) must be in [3, {self.context_length}], got {max_words}")
         out = np.zeros((len(texts), max_words), dtype=np.int32)
         for row, text in enumerate(texts):
             ids = [self.sot_id, *self.tokenizer.encode(text)[: max_words - 2], self.eot_id]
