@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import pytest
 import zarr
 
 from muse_pipeline.data.synthetic import generate_synthetic
-from muse_pipeline.stages.extract import ExtractConfig, run_extract
+from muse_pipeline.stages.extract import CRASH_ENV, PAUSE_ENV, PAUSED_MARKER, ExtractConfig, run_extract
 
 MODEL = "muse-tiny"
 ARRAYS = ("videos/tokens", "videos/mask", "videos/done", "texts/tokens", "texts/embeddings",
@@ -71,31 +72,203 @@ def test_cache_contents(reference_store):
     assert not Path(str(reference_store) + ".staging").exists(), "staging must be cleaned up"
 
 
+def _cli(root: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "muse_pipeline.cli.main", "extract", "--dataset", "synthetic",
+            "--data-root", str(root), "--model", MODEL, "--frames", "4", "--out", str(out),
+            "--videos-per-shard", "3", "--quiet", *extra]
+
+
+def _start_paused(cmd: list[str], out: Path, after: int) -> subprocess.Popen:
+    """Start an extraction that stops for good once `after` videos are staged by its worker process,
+    with the next group marked in flight (the test-only PAUSE_ENV hook): the test, not the machine's
+    speed, decides when it is interrupted."""
+    marker = Path(str(out) + ".staging") / PAUSED_MARKER
+    marker.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, PAUSE_ENV: str(after)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # a safety net for a broken hook, not a timing assumption
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it paused: {proc.stderr.read()!r}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("the run never paused")
+        time.sleep(0.05)
+    return proc
+
+
 def test_resume_after_sigkill_is_bit_identical(synth, reference_store, tmp_path):
     out = tmp_path / "killed.zarr"
     staging = Path(str(out) + ".staging")
-    cmd = [sys.executable, "-m", "muse_pipeline.cli.main", "extract", "--dataset", "synthetic",
-           "--data-root", str(synth), "--model", MODEL, "--frames", "4", "--out", str(out),
-           "--workers", "0", "--videos-per-shard", "3", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    # kill once some, but not all, videos are staged
-    while time.time() < deadline and proc.poll() is None:
-        if staging.exists() and len(list(staging.glob("shard-*/*.npy"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()!r}"
+    proc = _start_paused(_cli(synth, out, "--workers", "0"), out, after=2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert staging.exists()
     staged_before = {p.name for p in staging.glob("shard-*/*.npy")}
-    assert staged_before
+    assert len(staged_before) == 2
 
     summary = run_extract(_cfg(synth, out))
-    assert summary.n_cached == 8
+    assert summary.n_cached == 8 and not summary.failures
     # finished work was not redone: fewer frames encoded than a full run
     assert summary.frames_encoded < _arrays(reference_store)["videos/mask"].sum()
     _assert_identical(out, reference_store)
+    assert not staging.exists() and not Path(str(out) + ".lock").exists()
+
+
+def test_interrupts_never_count_as_crashes(synth, reference_store, tmp_path):
+    """Ctrl-C (on dask workers) and then SIGTERM (in process), both while the same video is in
+    flight: the third run finishes with no failure and the store equals an uninterrupted run."""
+    out = tmp_path / "interrupted.zarr"
+    one_shard = ("--videos-per-shard", "8")  # one shard task: the same video is next in both runs
+    first = _start_paused(_cli(synth, out, "--workers", "1", *one_shard), out, after=2)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 130
+    assert err.strip().splitlines() == [
+        "error: interrupted: finished videos are kept; run the same command again to resume."
+    ], "--quiet: only the one error line, no dask chatter"
+    inflight = json.loads((Path(str(out) + ".staging") / "shard-000000" / "inflight.json").read_text())
+    assert 2 in inflight["offsets"]
+
+    second = _start_paused(_cli(synth, out, "--workers", "0", *one_shard), out, after=0)
+    inflight_again = json.loads((Path(str(out) + ".staging") / "shard-000000" / "inflight.json").read_text())
+    assert inflight_again["offsets"] == inflight["offsets"] and inflight_again["run"] != inflight["run"]
+    second.send_signal(signal.SIGTERM)
+    second.communicate(timeout=600)
+    assert second.returncode == 130
+
+    summary = run_extract(_cfg(synth, out, videos_per_shard=8))
+    assert summary.failures == [] and summary.n_cached == 8
+    _assert_identical(out, reference_store)
+
+
+def test_a_worker_that_dies_is_a_crash_and_only_its_video_fails(synth, reference_store, tmp_path):
+    """A video that kills its worker process (the test-only CRASH_ENV hook: SIGKILL) is ledgered after
+    two crashes; its neighbours, in flight with it the first time, are cached. --retry-failed later
+    redoes it (here without the hook) and the ledger keeps the old record as history."""
+    from muse_pipeline.cache.store import FeatureCache
+    from muse_pipeline.data import load_dataset
+
+    victim = load_dataset("synthetic", synth).videos[1].id
+    out = tmp_path / "crash.zarr"
+    run = subprocess.run(_cli(synth, out, "--workers", "1", "--max-failures", "0.5"),
+                         env={**os.environ, CRASH_ENV: victim}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    cache = FeatureCache.open(out)
+    assert [(f["id"], f["reason"]) for f in cache.failures] == [
+        (victim, "worker process died 2 times while processing this video")
+    ]
+    done = cache.read_done()
+    assert done[1] == 2 and (np.delete(done, 1) == 1).all()
+    ref = _arrays(reference_store)["videos/tokens"]
+    assert np.array_equal(np.delete(_arrays(out)["videos/tokens"], 1, axis=0), np.delete(ref, 1, axis=0))
+
+    again = run_extract(_cfg(synth, out))
+    assert again.frames_encoded == 0 and again.n_failed == 1, "an unchanged failed file is not retried"
+    retried = run_extract(_cfg(synth, out, retry_failed=True))
+    assert retried.retried == 1 and retried.failures == [] and retried.n_cached == 8
+    assert [f["id"] for f in FeatureCache.open(out).failure_history] == [victim]
+    _assert_identical(out, reference_store)
+
+
+def test_failed_video_is_retried_when_its_file_changes(synth, reference_store, tmp_path):
+    from muse_pipeline.cache.store import FeatureCache
+    from muse_pipeline.data import load_dataset
+
+    root = tmp_path / "data"
+    shutil.copytree(synth, root)
+    video = Path(load_dataset("synthetic", root).videos[4].path)
+    good = video.read_bytes()
+    video.write_bytes(b"")
+    out = tmp_path / "retry.zarr"
+    first = run_extract(_cfg(root, out, max_failures=1.0))
+    assert first.n_failed == 1
+    assert {"size", "mtime_ns", "reason"} <= set(first.failures[0])
+    unchanged = run_extract(_cfg(root, out, max_failures=1.0))
+    assert unchanged.frames_encoded == 0 and unchanged.n_failed == 1 and unchanged.retried == 0
+    video.write_bytes(good)  # the user fixed the file
+    fixed = run_extract(_cfg(root, out))
+    assert fixed.retried == 1 and fixed.n_failed == 0 and fixed.failures == []
+    history = FeatureCache.open(out).failure_history
+    assert [h["reason"] for h in history] == [first.failures[0]["reason"]]
+    # paths differ (another data root); every array the encoder wrote is the same
+    _assert_identical(out, reference_store)
+
+
+def test_second_extract_on_a_store_is_refused_and_a_dead_holder_is_taken_over(
+        synth, reference_store, tmp_path):
+    import socket
+
+    out = tmp_path / "locked.zarr"
+    first = _start_paused(_cli(synth, out, "--workers", "0"), out, after=1)
+    second = subprocess.run(_cli(synth, out, "--workers", "0"), capture_output=True, text=True)
+    assert second.returncode == 3
+    assert second.stderr.strip().splitlines() == [second.stderr.strip()]
+    assert f"pid {first.pid} on host {socket.gethostname()}" in second.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked.zarr", "locked.zarr.lock",
+                                                          "locked.zarr.staging"], "no temp folder"
+    first.kill()  # the holder dies: its lock file stays, its flock goes
+    first.wait()
+    assert Path(str(out) + ".lock").exists()
+    summary = run_extract(_cfg(synth, out))
+    assert summary.n_cached == 8
+    _assert_identical(out, reference_store)
+
+
+def test_decoder_warnings_reach_the_ledger(synth, tmp_path, monkeypatch):
+    """The extractor records what decode_clip_report says it had to patch (stand-in decoder here:
+    the decoder's own tests cover when it warns); the video stays cached and `cache info` shows it."""
+    from typer.testing import CliRunner
+
+    import muse_pipeline.video.decode as decode
+    from muse_pipeline.cli.main import app
+    from muse_pipeline.data import load_dataset
+
+    patched = load_dataset("synthetic", synth).videos[3]
+    real = decode.decode_clip_report
+
+    def with_warning(path, *args, **kwargs):
+        clip = real(path, *args, **kwargs)
+        if Path(path) == Path(patched.path):
+            clip.warnings.append("sample at 2.0 s: frame did not decode, used the frame of 1.9 s")
+        return clip
+
+    monkeypatch.setattr(decode, "decode_clip_report", with_warning)
+    out = tmp_path / "warn.zarr"
+    summary = run_extract(_cfg(synth, out))
+    assert summary.n_cached == 8 and summary.failures == []
+    assert summary.warnings == [
+        {"id": patched.id, "warning": "sample at 2.0 s: frame did not decode, used the frame of 1.9 s"}
+    ]
+    info = CliRunner().invoke(app, ["cache", "info", str(out)])
+    assert info.exit_code == 0 and "used the frame of 1.9 s" in info.stderr
+
+
+def test_batched_groups_are_bit_identical_across_interruptions(synth, reference_store, tmp_path):
+    """Two videos per encoder forward (the CUDA path's batching, run on the CPU): a run killed after
+    one group, with one video of the next group staged by hand as if killed mid-group, resumes to the
+    same bits as an uninterrupted batched run; batched tokens match one-video batches closely."""
+    batched_ref = tmp_path / "batched-ref.zarr"
+    ref_summary = run_extract(_cfg(synth, batched_ref, batch_frames=8))
+    assert ref_summary.n_cached == 8
+    assert sorted(ref_summary.batch_sizes) == sorted([8, 4, 8, 4, 4]) or max(ref_summary.batch_sizes) <= 8
+    assert max(ref_summary.batch_sizes) > 4, "frames of two videos share a forward"
+    single = _arrays(reference_store)["videos/tokens"].astype(np.float32)
+    batched = _arrays(batched_ref)["videos/tokens"].astype(np.float32)
+    assert np.allclose(batched, single, atol=2e-2, rtol=2e-2)
+
+    out = tmp_path / "batched.zarr"
+    proc = _start_paused(_cli(synth, out, "--workers", "0", "--batch-frames", "8"), out, after=2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shard0 = Path(str(out) + ".staging") / "shard-000000"
+    assert sorted(p.name for p in shard0.glob("*.npy")) == ["000000.npy", "000001.npy"]
+    # a group half staged: video 3 (group [3, 4] of shard 1) staged with made-up tokens
+    shard1 = Path(str(out) + ".staging") / "shard-000001"
+    shard1.mkdir(parents=True, exist_ok=True)
+    np.save(shard1 / "000000.npy", np.ones((4, 50, 64), np.float16))
+    summary = run_extract(_cfg(synth, out))  # no --batch-frames: the store's grouping is kept
+    assert summary.n_cached == 8
+    _assert_identical(out, batched_ref)
 
 
 def test_rerun_of_finished_store_does_nothing(synth, reference_store, tmp_path):
@@ -106,10 +279,11 @@ def test_rerun_of_finished_store_does_nothing(synth, reference_store, tmp_path):
     _assert_identical(out, reference_store)
 
 
-def test_two_dask_workers_equal_single_process(synth, reference_store, tmp_path):
+def test_two_dask_workers_equal_single_process_and_quiet_is_quiet(synth, reference_store, tmp_path):
     out = tmp_path / "dask.zarr"
-    summary = run_extract(_cfg(synth, out, workers=2))
-    assert summary.n_cached == 8
+    run = subprocess.run(_cli(synth, out, "--workers", "2"), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "" and run.stderr == "", "--quiet prints nothing (no dask INFO lines)"
     _assert_identical(out, reference_store)
 
 
