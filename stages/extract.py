@@ -398,9 +398,22 @@ def decode_video(path: str, frames: int, start: float | None, end: float | None,
 
 
 def _init_decode_process() -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(1)  # one core per decode process: the pool size is the parallelism
+    # A dask worker that is killed (Ctrl-C, a crash) cannot shut its pool down: without this its
+    # decode processes would live on as orphans, so each one watches its parent. (PR_SET_PDEATHSIG
+    # would fire when the dask thread that spawned the pool ends, not the process: not used.)
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
 
 
 _POOLS: dict[int, Executor] = {}
