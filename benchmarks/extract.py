@@ -4,8 +4,12 @@ The naive baseline is what a first script does: one video at a time, decode with
 PIL preprocessing with open_clip's transform, encode, one .npy file per video.
 
     python benchmarks/extract.py [--videos 16] [--models muse-tiny,ViT-B-32] [--frames 12]
+                                 [--ceiling-only] [--batch-frames 96]
 
-Prints a markdown table of frames/s (higher is better) and the pipeline/naive ratio.
+Prints a markdown table of frames/s (higher is better) and the pipeline/naive ratio, then the
+feeding ceiling: the real extraction path (decode + preprocess in threads or in 1 / 2 decode
+processes, cross-video encoder batches, staging, shard writes) with a null encoder, i.e. the
+frames/s a GPU encoder could be fed at most on this machine, and the encoder batch sizes reached.
 """
 
 from __future__ import annotations
@@ -123,11 +127,57 @@ def bench_model(model: str, videos, root: Path, frames: int, work: Path) -> list
     return rows
 
 
+class NullEncoder:
+    """The real encoder's geometry and text tower, but frames cost nothing to encode: what is left
+    is the CPU work that feeds the encoder."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def encode_frames(self, pixels):
+        return torch.zeros(pixels.shape[0], self._real.num_tokens, self._real.dim)
+
+
+def bench_ceiling(root: Path, frames: int, batch_frames: int, work: Path) -> list[dict]:
+    import muse_pipeline.stages.extract as extract_stage
+    from muse_pipeline.stages.extract import ExtractConfig, run_extract
+
+    model = "muse-tiny"  # 224 px input like ViT-B/32: the same decode + preprocess work
+    rows = []
+    for label, decode_workers in (("2 decode threads (CPU default)", 0), ("1 decode process", 1),
+                                  ("2 decode processes", 2)):
+        extract_stage._ENCODERS.clear()
+        real = extract_stage._encoder(model, None, "cpu", "fp32")
+        extract_stage._ENCODERS[(model, None, "cpu", "fp32")] = NullEncoder(real)
+        out = work / f"ceiling-{decode_workers}.zarr"
+        cfg = ExtractConfig(dataset="synthetic", data_root=root, model=model, frames=frames, out=out,
+                            workers=0, quiet=True, decode_workers=decode_workers,
+                            batch_frames=batch_frames)
+        # warm-up: the decode pool (spawned processes importing torch) starts once per worker
+        # process, not once per shard; time the second run
+        run_extract(cfg)
+        shutil.rmtree(out)
+        summary, seconds = _timed(lambda cfg=cfg: run_extract(cfg))
+        sizes = summary.batch_sizes
+        rows.append({"stage": f"null encoder, {label}", "seconds": seconds, "frames": summary.frames_encoded,
+                     "batches": f"{len(sizes)} x {np.mean(sizes):.0f} frames (max {max(sizes)})"})
+        shutil.rmtree(out)
+    extract_stage._ENCODERS.clear()
+    for pool in list(extract_stage._POOLS):
+        extract_stage._reset_pool(pool)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--models", default="muse-tiny,ViT-B-32")
+    parser.add_argument("--ceiling-only", action="store_true", help="Only the null-encoder feeding table.")
+    parser.add_argument("--batch-frames", type=int, default=96, help="Encoder batch of the ceiling runs.")
     args = parser.parse_args()
 
     from muse_pipeline.data import load_dataset
@@ -144,10 +194,21 @@ def main() -> None:
               f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(videos)} videos, "
               f"{args.frames} frames each\n")
         rows = []
-        for model in args.models.split(","):
-            rows += bench_model(model.strip(), videos, root, args.frames, work)
+        if not args.ceiling_only:
+            for model in args.models.split(","):
+                rows += bench_model(model.strip(), videos, root, args.frames, work)
+        ceiling = bench_ceiling(root, args.frames, args.batch_frames, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+    print("| feeding ceiling (decode + preprocess + stage + write) | frames | seconds | frames/s | encoder batches |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for r in ceiling:
+        print(f"| {r['stage']} | {r['frames']} | {r['seconds']:.2f} | {r['frames'] / r['seconds']:.1f} | "
+              f"{r['batches']} |")
+    print()
+    if not rows:
+        return
 
     print("| model | stage | frames | seconds | frames/s |")
     print("| --- | --- | ---: | ---: | ---: |")
