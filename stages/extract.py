@@ -429,12 +429,13 @@ def _decode_pool(n: int) -> Executor:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            try:
-                _POOLS[n] = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_init_decode_process)
-            except (AssertionError, OSError) as err:  # e.g. a daemonic dask worker cannot have children
-                log.warning("decode processes unavailable here (%s); decoding in threads", err)
+            if multiprocessing.current_process().daemon:
+                # a dask worker started with daemon=True (remote clusters' default) cannot have
+                # children (set distributed.worker.daemon: false in the workers' dask config)
+                log.warning("this dask worker is daemonic: decoding in threads instead of %d processes", n)
                 return _decode_pool(0)
+            _POOLS[n] = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_decode_process)
     return _POOLS[n]
 
 
