@@ -587,7 +587,7 @@ def process_shard(job: ShardJob, on_video: Callable[[], None] | None = None) -> 
                     state.set_inflight([o])
                     _test_hooks(job, state, [o])
                     results[o] = decode_video(*decode_args(o))
-                    state.clear_inflight()
+                state.set_inflight(group)  # the encoder's turn: a crash now blames the group
                 frames_encoded += _encode_group(job, state, encoder, group, results, batch_sizes, [])
                 _STAGED_IN_PROCESS += len(group)
                 if on_video is not None:
