@@ -1030,6 +1030,9 @@ def _run_on_dask(cfg, n_workers, shard_jobs, text_jobs, progress, staging, cache
                 n_workers=n_workers, threads_per_worker=1, processes=True,
                 dashboard_address=":0" if cfg.dashboard else None, silence_logs=level,
                 resources={"GPU": 1} if gpu else None,
+                # the scheduler serves a few HTTP routes even without the dashboard, by default on
+                # 8787: a random free port avoids "Port 8787 is already in use" warnings
+                scheduler_kwargs={"dashboard_address": ":0"},
             )
             resources = {"GPU": 1} if gpu else None
             client = Client(cluster)

@@ -285,8 +285,17 @@ def test_rerun_of_finished_store_does_nothing(synth, reference_store, tmp_path):
 
 @pytest.mark.slow
 def test_two_dask_workers_equal_single_process_and_quiet_is_quiet(synth, reference_store, tmp_path):
+    import socket
+
     out = tmp_path / "dask.zarr"
-    run = subprocess.run(_cli(synth, out, "--workers", "2"), capture_output=True, text=True)
+    # dask's default HTTP port taken (as by another cluster): still not a word
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 8787))
+            taken.listen(1)
+        except OSError:
+            pass  # somebody else holds it: the same situation
+        run = subprocess.run(_cli(synth, out, "--workers", "2"), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "" and run.stderr == "", "--quiet prints nothing (no dask INFO lines)"
     _assert_identical(out, reference_store)
