@@ -38,7 +38,6 @@ def causal_conv1d(
 ) -> torch.Tensor:
     """Same as `causal_conv1d_torch`; on CUDA uses `causal_conv1d.causal_conv1d_fn` when installed
     (env MUSE_CONV=torch forces the torch path)."""
-    from muse_pipeline.models.scan import _env_choice
 
     choice = conv_backend(x, weight)
     if choice not in _logged:
