@@ -32,9 +32,9 @@ def kernel_backends(device: torch.device | str) -> dict[str, str]:
     return {"scan": scan.scan_backend(probe), "conv": conv_backend(probe), "device": kind}
 
 
-def check_kernels(device: torch.device | str, require: bool = False) -> dict[str, str]:
-    """Report the backends for `device`; on CUDA without the kernels warn (or raise KernelsMissing
-    when `require`). Returns kernel_backends(device)."""
+def check_kernels(device: torch.device | str, require: bool = False, warn: bool = True) -> dict[str, str]:
+    """Report the backends for `device`; on CUDA without the kernels warn (if `warn`) or raise
+    KernelsMissing when `require`. Returns kernel_backends(device)."""
     backends = kernel_backends(device)
     if backends["device"] != "cuda":
         if require:
@@ -53,5 +53,6 @@ def check_kernels(device: torch.device | str, require: bool = False) -> dict[str
         )
         if require:
             raise KernelsMissing(f"{message}, or drop --require-kernels")
-        log.warning("%s (or pass --require-kernels to make this an error).", message)
+        if warn:
+            log.warning("%s (or pass --require-kernels to make this an error).", message)
     return backends
