@@ -54,7 +54,7 @@ def grads(fn, x, gy):
 
 
 @needs_mamba
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bf16"])
 @pytest.mark.parametrize("length", [1, 300, 2048])
 def test_mamba_ssm_scan_matches_torch_path(monkeypatch, length, dtype):
     monkeypatch.setenv("MUSE_SCAN", "mamba_ssm")
@@ -69,7 +69,7 @@ def test_mamba_ssm_scan_matches_torch_path(monkeypatch, length, dtype):
 
 
 @needs_conv
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bf16"])
 def test_causal_conv1d_kernel_matches_torch(monkeypatch, dtype):
     monkeypatch.setenv("MUSE_CONV", "auto")
     g = torch.Generator().manual_seed(0)
@@ -90,7 +90,7 @@ def test_causal_conv1d_kernel_matches_torch(monkeypatch, dtype):
 
 
 @needs_mamba
-@pytest.mark.parametrize("precision", ["float32", "bf16 autocast"])
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
 def test_bimamba_kernel_path_matches_torch_path_with_padding(monkeypatch, precision):
     torch.manual_seed(0)
     m = BiMamba(64).cuda()
