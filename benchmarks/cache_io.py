@@ -8,7 +8,8 @@ Batch reads (second table), one thread, page cache warm for every store: memmap 
 baseline), an in-RAM tensor gather (`--cache-memory ram`), zarr `oindex` (the read path before issue 8,
 zarr-python #3829), one zarr slice per contiguous run, and `FeatureCache.read_videos` (whole chunks
 from the shard files), each with raw and blosc-zstd tokens; peak Python-heap growth per batch from
-tracemalloc. Third table: the same batches through the trainer's DataLoader (`make_loader`, 2 workers).
+tracemalloc. Methods take turns on each batch, so that the load of a shared machine shifts them alike.
+Third table: the same batches through the trainer's DataLoader (`make_loader`, 2 workers).
 
 Writes N videos of [T, L, D] float16 tokens (ViT-B/32 shape by default) four ways:
 - zarr, per-video unbuffered: `write_shard_videos` one row at a time (each call rewrites the shard),
@@ -176,19 +177,26 @@ def _slice_read(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _measure(fn, batches: list[np.ndarray]) -> tuple[float, float]:
-    """(seconds per batch, peak traced-heap growth in MB of one batch) after one warm-up call."""
-    fn(batches[0])
-    start = time.perf_counter()
+def _measure_all(methods, batches: list[np.ndarray]) -> list[tuple[str, float, float]]:
+    """(name, seconds per batch, peak traced-heap growth in MB of one batch) per method. Methods take
+    turns on each batch (round robin), so that a shared machine's load shifts all of them alike."""
+    for _, fn in methods:
+        fn(batches[0])  # warm-up: open files, page cache, first allocations
+    totals = [0.0] * len(methods)
     for b in batches[1:]:
-        fn(b)
-    per_batch = (time.perf_counter() - start) / (len(batches) - 1)
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    fn(batches[-1])
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
-    return per_batch, peak / 1e6
+        for k, (_, fn) in enumerate(methods):
+            start = time.perf_counter()
+            fn(b)
+            totals[k] += time.perf_counter() - start
+    out = []
+    for k, (name, fn) in enumerate(methods):
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        fn(batches[-1])
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        out.append((name, totals[k] / (len(batches) - 1), peak / 1e6))
+    return out
 
 
 def _reading_store(root: Path, name: str, feats: np.ndarray, compression: str | None) -> Path:
@@ -246,7 +254,7 @@ def batch_read_tables(args) -> None:
         for name, fn in methods[2:]:
             got = np.asarray(fn(check))
             assert np.array_equal(got, feats[np.unique(check)]), name
-        results = [(name, *_measure(fn, batches)) for name, fn in methods]
+        results = _measure_all(methods, batches)
 
         print(f"\nBatch reads: {n} videos x [{t}, {length}, {d}] float16 ({per_video / 1e6:.2f} MB each), "
               f"batch {bsz} sorted random rows, {args.batches} timed batches, 1 thread; tokens on disk: "
