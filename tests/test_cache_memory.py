@@ -142,3 +142,21 @@ def test_process_group_timeout():
     for bad in (0, -5, float("nan")):
         with pytest.raises(InputError, match="positive"):
             process_group_timeout(bad)
+
+
+def test_cli_options_reach_the_trainer_and_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from muse_pipeline.cli.main import app
+
+    cache = _cache(tmp_path / "c.zarr")
+    runner = CliRunner()
+    base = ["train", "--from-cache", str(cache), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu", "-q"]
+    for extra, message in ((["--require-kernels"], "--require-kernels needs a CUDA device"),
+                           (["--cache-memory", "gpu"], "--cache-memory must be one of"),
+                           (["--nccl-timeout", "-1"], "--nccl-timeout must be a positive number")):
+        res = runner.invoke(app, base + extra)
+        assert res.exit_code != 0
+        assert f"error: {message}" in res.output.replace("\n", " "), res.output
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists()
