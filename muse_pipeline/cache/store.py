@@ -727,7 +727,7 @@ class _ShardFiles:
         self.chunk_bytes = chunk_bytes
         self.blosc = blosc
         self.checksum = True
-        self._index: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
+        self._index: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
 
     @classmethod
     def open(cls, root: Path, array: Any) -> _ShardFiles | None:
@@ -766,7 +766,7 @@ class _ShardFiles:
     def _shard_index(self, k: int, fd: int, per_shard: int) -> np.ndarray:
         """[S, 2] uint64 (offset, nbytes) of shard k, cached while the file is unchanged."""
         st = os.fstat(fd)
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._index.get(k)
         if cached is not None and cached[0] == stamp:
             return cached[1]
