@@ -68,6 +68,11 @@ def _conv_checks(x, weight, bias, seq_idx, dout=None):
     if channel_last:
         torch_check(dim % 8 == 0, "dim % 8 == 0 (channel-last layout)")
         torch_check(x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0, "x.stride(2) % 8 == 0 && x.stride(0) % 8 == 0")
+        if dout is not None:  # causal_conv1d_bwd brings dout to x's layout first, then checks it
+            if dout.stride(1) != 1:
+                dout = dout.transpose(-1, -2).contiguous().transpose(-1, -2)
+            torch_check(dout.stride(2) % 8 == 0 and dout.stride(0) % 8 == 0,
+                        "dout.stride(2) % 8 == 0 && dout.stride(0) % 8 == 0")
     torch_check(2 <= width <= 4, "width >= 2 && width <= 4")
     if bias is not None:
         torch_check(bias.dtype == weight_type, "bias.scalar_type() == weight_type")
@@ -96,6 +101,7 @@ class _FakeCausalConv1dFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias)
         ctx.has_bias = bias is not None
         STANDIN_CALLS["conv"] += 1
+        STANDIN_CALLS["conv_layout"] = "channel-last" if x.stride(1) == 1 and x.stride(2) > 1 else "channel-first"
         with torch.no_grad():
             out = _conv_reference(x, weight, bias, ctx.silu)
         return out.to(x.dtype)  # cpp_functions.py: out = torch.empty_like(x)
@@ -390,6 +396,8 @@ def test_conv_dispatch_meets_kernel_checks_and_matches_reference(kernels, dtype,
     b = torch.randn(d, generator=g).requires_grad_()
     y = causal_conv1d(x, w, b, "silu")
     assert kernels["conv"] == 1 and y.dtype == dtype
+    # an aligned channel-last view goes to the kernel as it is (no copy); others channel-first
+    assert kernels["conv_layout"] == ("channel-last" if layout == "channel-last view" else "channel-first")
     gy = torch.randn(y.shape, generator=g).to(dtype)
     grads = torch.autograd.grad(y, (x, w, b), gy)
     xr, wr, br = (t.detach().float().requires_grad_() for t in (x, w, b))

@@ -77,13 +77,16 @@ def _call_kernel(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
       final_states_out=None, activation=None): since 1.1 the 4th positional is seq_idx, so
       `activation` must be a keyword;
     - x: [B, D, L] float32/float16/bfloat16 with stride(2) == 1 or stride(1) == 1; the channel-last
-      case further needs D % 8 == 0 and strides that are multiples of 8, so a channel-last x that is
-      not exactly that is made contiguous (channel-first is accepted for any D);
+      case further needs D % 8 == 0 and strides that are multiples of 8: an aligned channel-last view
+      (BiMamba's in_proj chunk at D % 8 == 0) goes in as it is, anything else is made channel-first
+      contiguous (accepted for any D);
     - weight: [D, width] float32/float16/bfloat16, any dtype relative to x (under bf16 autocast x is
       bf16 and the weight stays float32, which the kernel accepts); bias: [D], same dtype as weight,
       stride(-1) == 1;
     - output: x's dtype (out = torch.empty_like(x)), as F.conv1d gives under autocast."""
-    if x.stride(2) != 1:
+    channel_last = x.stride(1) == 1 and x.stride(2) > 1
+    aligned = x.shape[1] % 8 == 0 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0
+    if x.stride(2) != 1 and not (channel_last and aligned):
         x = x.contiguous()
     weight = weight.contiguous()
     if bias is not None:
