@@ -38,11 +38,16 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check muse_pipeline stages cli tests benchmarks
 
-# On a CUDA machine: try the `cuda` extra (mamba-ssm, causal-conv1d), run the CUDA tests and the
-# fusion benchmark on the GPU, print one table.
+# On a CUDA machine, < 8 min on one H100: the `cuda` extra (mamba-ssm, causal-conv1d) unless it already
+# imports (capped at 2 min: an offline card or a source build must not eat the budget; the kernel rows
+# then say the kernels are missing), then ONE markdown table, also written to gpu-check.md.
+# CPU self-test of the script: $(PY) benchmarks/gpu_check.py --quick
+GPU_CHECK_OUT ?= gpu-check.md
 gpu-check: install
-	-$(PY) -m pip install -q -e '.[cuda]' --no-build-isolation
-	$(PY) benchmarks/gpu_check.py
+	@$(PY) -c "import mamba_ssm, causal_conv1d" 2>/dev/null || \
+		timeout 120 $(PY) -m pip install -q --retries 0 --timeout 10 -e '.[cuda]' --no-build-isolation || \
+		echo "gpu-check: the cuda extra did not install; continuing with the torch paths"
+	$(PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 bench: install
 	$(PY) benchmarks/scan.py

@@ -42,6 +42,12 @@ def train_cmd(
     log_every: int = typer.Option(None, help="Steps between step records in metrics.jsonl (10)."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
     gpus: int = typer.Option(None, help="Train on N GPUs with DDP: relaunches itself through torchrun."),
+    cache_memory: str = typer.Option("auto", help="From cache: keep training tokens in ram (pinned) | device "
+                                     "(GPU) | off (read the cache each batch) | auto (by size and free memory)."),
+    require_kernels: bool = typer.Option(False, "--require-kernels", help="Fail unless the fused CUDA scan/conv "
+                                         "kernels (the `cuda` extra) run, instead of warning."),
+    nccl_timeout: float = typer.Option(None, help="Seconds a DDP collective may wait, covering rank 0's "
+                                       "validation and saving (default 7200)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a MUSE (or baseline) head; writes runs/<name>/ with best/last weights and metrics.jsonl.
@@ -69,7 +75,8 @@ def train_cmd(
         run_dir = run_train(
             from_cache=from_cache, end_to_end=end_to_end, dataset=dataset, data_root=data_root, model=model,
             pretrained=pretrained, decoder=decoder, head=head, name=name, runs_dir=runs_dir, resume=resume,
-            init_head=init_head, device=device, quiet=quiet, **overrides,
+            init_head=init_head, device=device, quiet=quiet, cache_memory=cache_memory,
+            require_kernels=require_kernels, nccl_timeout=nccl_timeout, **overrides,
         )
     except KeyboardInterrupt:
         fail("interrupted: a resumable state was saved; continue with `muse train --resume RUN_DIR`.", code=130)

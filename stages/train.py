@@ -145,6 +145,9 @@ def run_train(
     quiet: bool = False,
     model_overrides: dict[str, Any] | None = None,
     on_step_end: Callable[[LoopState], None] | None = None,
+    cache_memory: str = "auto",
+    require_kernels: bool = False,
+    nccl_timeout: float | None = None,
     **train_overrides: Any,
 ) -> Path:
     """Train (or resume) a run and return its directory.
@@ -153,9 +156,15 @@ def run_train(
     `end_to_end=True` with `dataset` and `data_root` (frames decoded, CLIP towers trained at
     `clip_lr`). `train_overrides` are TrainConfig fields (None = preset); `model_overrides` are
     ModelConfig fields (depth, drop_max, ...). Raises CacheError, ConfigMismatch, NonFiniteLossError,
-    KeyboardInterrupt (after saving a resumable state.pt).
+    KeyboardInterrupt (after saving a resumable state.pt). `cache_memory` (auto | ram | device | off):
+    where from-cache training tokens live; `require_kernels`: KernelsMissing unless the CUDA kernels run;
+    `nccl_timeout`: seconds a DDP collective may wait (default distributed.DEFAULT_TIMEOUT_S).
     """
-    ctx = setup(device)
+    from muse_pipeline.models.backends import check_kernels
+
+    ctx = setup(device, nccl_timeout)
+    # before anything is written: the scan/conv implementations this run gets (config.json "runtime")
+    runtime: dict[str, Any] = {"backends": check_kernels(ctx.device, require_kernels, warn=ctx.is_main)}
     runs_dir = Path(runs_dir)
     saved: dict[str, Any] | None = None
     if resume is not None:
@@ -184,6 +193,7 @@ def run_train(
             model_overrides,
             on_step_end,
             train_overrides,
+            runtime=runtime,
         )
     if from_cache is None:
         if saved is None:
@@ -202,6 +212,8 @@ def run_train(
         model_overrides,
         on_step_end,
         train_overrides,
+        runtime=runtime,
+        cache_memory=cache_memory,
     )
 
 
@@ -241,11 +253,15 @@ def _run_from_cache(
     model_overrides,
     on_step_end,
     train_overrides,
+    *,
+    runtime: dict[str, Any],
+    cache_memory: str = "auto",
 ) -> Path:
-    from muse_pipeline.training.data import CachePairDataset, open_cache_arrays
+    from muse_pipeline.training.data import cache_dataset, choose_cache_memory, open_cache_arrays
     from muse_pipeline.training.modules import CachePairModel
     from muse_pipeline.training.validate import CacheValidator
 
+    choose_cache_memory(cache_memory, 0, ctx.device)  # a bad mode is refused before the cache is read
     arrays = open_cache_arrays(cache_path)
     fp = arrays.fingerprint
     if saved is not None:
@@ -277,7 +293,10 @@ def _run_from_cache(
     if init_head is not None and saved is None:
         _init_from_run(retrieval, Path(init_head))
     pair = CachePairModel(retrieval)
-    dataset = CachePairDataset(arrays, plan.train_texts)
+    dataset, memory = cache_dataset(arrays, plan.train_texts, cache_memory, ctx.device, ctx.world_size)
+    runtime["cache_memory"] = memory.to_dict()
+    if ctx.is_main:
+        log.info("%s", memory.describe())
     validator = CacheValidator(dataset, plan, arrays.text_video, arrays.text_emb, ctx.device)
     if saved is not None:
         run_dir = Path(resume)
@@ -293,6 +312,7 @@ def _run_from_cache(
             "n_train_texts": int(len(plan.train_texts)),
             "n_val_videos": int(len(plan.val_videos)),
             "world_size": ctx.world_size,
+            "runtime": runtime,
         }
         if ctx.is_main:
             atomic_write_json(run_dir / "config.json", config)
@@ -366,6 +386,8 @@ def _run_end_to_end(
     model_overrides,
     on_step_end,
     train_overrides,
+    *,
+    runtime: dict[str, Any],
 ) -> Path:
     from muse_pipeline.data import load_dataset
     from muse_pipeline.encoders.clip import ClipEncoder
@@ -451,6 +473,7 @@ def _run_end_to_end(
             "n_train_texts": int(len(plan.train_texts)),
             "n_val_videos": int(len(plan.val_videos)),
             "world_size": ctx.world_size,
+            "runtime": runtime,
         }
         if ctx.is_main:
             atomic_write_json(run_dir / "config.json", config)

@@ -88,8 +88,12 @@ def test_layout_matches_the_documented_format(tmp_path: Path) -> None:
         assert json.loads((tmp_path / "c.zarr" / name / "zarr.json").read_text())["data_type"] == "string"
     tokens = root["videos/tokens"]
     assert tokens.chunks == (1, T, L, D) and tokens.shards == (S, T, L, D)
-    (blosc,) = tokens.compressors
+    assert tokens.compressors == ()  # raw by default: reads are ~4x faster than zstd (BENCHMARKS.md)
+    _create(tmp_path / "z.zarr", compression="zstd")
+    (blosc,) = zarr.open_group(str(tmp_path / "z.zarr"), mode="r")["videos/tokens"].compressors
     assert type(blosc).__name__ == "BloscCodec" and blosc.cname.value == "zstd"
+    with pytest.raises(ValueError, match="compression"):
+        _create(tmp_path / "bad.zarr", compression="lz4")
     assert root["videos/mask"].chunks == (S, T) and root["videos/mask"].shards is None
     assert root["videos/done"].chunks == (S,) and root["videos/done"].shards is None
     assert root["videos/ids"][:].tolist() == [f"vid{i}" for i in range(7)]
@@ -391,3 +395,69 @@ def test_cache_info(tmp_path: Path) -> None:
     assert info["fingerprint"] == FP and info["failures"] == [{"id": "vid2", "reason": "broken"}]
     assert info["bytes_on_disk"] == sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) > 0
     assert (info["n_shards"], info["videos_per_shard"], info["frames"]) == (3, S, T)
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_batch_reads_equal_zarr_bit_for_bit(tmp_path: Path, compression) -> None:
+    """read_videos (whole chunks straight from the shard files) against zarr's own reads of the same
+    store: unsorted, repeated, across shards, never-written rows (fill value) and the short last shard."""
+    cache = _create(tmp_path / "c.zarr", compression=compression)
+    for i in (0, 1, 2, 4, 6):  # 3 and 5 stay pending: shard 1 is partial, row 5 never written
+        cache.write_video(i, _tokens(i, 1 + i % T))
+    cache.flush()
+    reader = FeatureCache.open(tmp_path / "c.zarr")
+    raw = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    want_tokens, want_mask = raw["videos/tokens"][:], raw["videos/mask"][:]
+    for rows in ([6, 0, 3], [1, 1, 5, 5], list(range(7)), [4], [], [5, 2, 6, 0]):
+        tokens, mask = reader.read_videos(rows)
+        assert tokens.dtype == np.float16 and tokens.shape == (len(rows), T, L, D)
+        np.testing.assert_array_equal(tokens, want_tokens[rows])
+        np.testing.assert_array_equal(mask, want_mask[rows])
+    assert reader._shard_files, "the direct shard reader should apply to the layout create() writes"
+
+
+def test_batch_reads_fall_back_to_zarr_slices_for_other_layouts(tmp_path: Path, monkeypatch) -> None:
+    cache = _create(tmp_path / "c.zarr")
+    for i in range(7):
+        cache.write_video(i, _tokens(i, 1 + i % T))
+    cache.flush()
+    direct = FeatureCache.open(tmp_path / "c.zarr").read_videos([6, 1, 2, 3])
+    from muse_pipeline.cache import store
+
+    monkeypatch.setattr(store._ShardFiles, "open", classmethod(lambda cls, root, array: None))
+    reader = FeatureCache.open(tmp_path / "c.zarr")
+    sliced = reader.read_videos([6, 1, 2, 3])
+    assert reader._shard_files is False
+    np.testing.assert_array_equal(sliced[0], direct[0])
+    np.testing.assert_array_equal(sliced[1], direct[1])
+
+
+def test_reader_sees_a_rewritten_shard_and_rejects_a_damaged_index(tmp_path: Path) -> None:
+    cache = _create(tmp_path / "c.zarr")
+    for i in range(3):
+        cache.write_video(i, _tokens(i, T))
+    cache.flush()
+    first, _ = cache.read_videos([0, 1, 2])
+    np.testing.assert_array_equal(first[1], _tokens(1, T))
+    cache.write_shard_videos(0, np.stack([_tokens(10 + i, T) for i in range(3)]), np.ones((3, T), np.uint8),
+                             np.ones(3, np.uint8))
+    again, _ = cache.read_videos([1])
+    np.testing.assert_array_equal(again[0], _tokens(11, T))  # the cached shard index was refreshed
+
+    shard = tmp_path / "c.zarr" / "videos" / "tokens" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the index, before its crc32c
+    shard.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="crc32c"):
+        FeatureCache.open(tmp_path / "c.zarr").read_videos([0])
+
+
+def test_read_videos_into_validates_its_buffers(tmp_path: Path) -> None:
+    cache = _create(tmp_path / "c.zarr")
+    with pytest.raises(ValueError, match="float16"):
+        cache.read_videos_into(np.array([0]), np.zeros((1, T, L, D), np.float32))
+    with pytest.raises(ValueError, match="sorted"):
+        cache.read_videos_into(np.array([2, 1]), np.zeros((2, T, L, D), np.float16))
+    out = np.full((2, T, L, D), 7, np.float16)
+    cache.read_videos_into(np.array([3, 4]), out)
+    assert (out == 0).all()  # pending rows read as the fill value

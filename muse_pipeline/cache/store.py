@@ -2,7 +2,7 @@
 
 ```
 /                    attrs: format="muse-cache", format_version=1, fingerprint={...}, failures=[{id, reason}]
-/videos/tokens       [N, T, L, D] float16   chunk (1,T,L,D), shard (S,T,L,D), blosc zstd
+/videos/tokens       [N, T, L, D] float16   chunk (1,T,L,D), shard (S,T,L,D), raw (or blosc zstd)
 /videos/mask         [N, T] uint8           1 = real frame; chunk = shard = (S, T)
 /videos/done         [N] uint8              0 pending, 1 cached, 2 failed; chunk = shard = (S,)
 /videos/ids, /videos/split, /videos/paths   [N] str
@@ -48,6 +48,11 @@ FORMAT_VERSION = 1
 SHARD_BYTES = 256 * 1024 * 1024
 # Rows per chunk of the text and string arrays: small enough to read a slice cheaply.
 ROW_CHUNK = 65536
+# Codec of /videos/tokens in new caches: None (raw float16) or "zstd" (blosc zstd-1 + byte shuffle).
+# zstd saves ~8% on CLIP float16 tokens but costs ~4x in batch-read speed (BENCHMARKS.md, "Cache
+# I/O"), and reads are what the trainer waits on. Either is read by any zarr v3 client.
+TOKEN_COMPRESSION: str | None = None
+TOKEN_CODECS = (None, "zstd")
 
 PENDING, CACHED, FAILED = 0, 1, 2
 
@@ -137,6 +142,8 @@ class FeatureCache:
         self._buffer: dict[int, dict[int, tuple[np.ndarray | None, int, int]]] = {}
         self._meta: dict[str, list[Any]] = {}
         self._done_cache: dict[int, np.ndarray] = {}
+        self._mask_all: np.ndarray | None = None
+        self._shard_files: _ShardFiles | bool | None = None  # None: not probed yet; False: not usable
 
     # ------------------------------------------------------------------------------- creation
     @classmethod
@@ -153,11 +160,13 @@ class FeatureCache:
         videos_per_shard: int | None = None,
         overwrite: bool = False,
         text_tokens: np.ndarray | None = None,
+        compression: str | None = TOKEN_COMPRESSION,
     ) -> FeatureCache:
         """Create an empty cache for `index` (all videos pending) and open it for writing.
 
         `text_tokens` int32 [M, W] (optional): caption token ids, written now; embeddings come later.
         An existing cache at `path` is an error unless `overwrite` (which deletes it first).
+        `compression`: codec of the video tokens, None or "zstd" (see TOKEN_COMPRESSION).
         The store is built under a temporary name and renamed, so a crash never leaves half a cache.
         """
         path = Path(path)
@@ -172,6 +181,8 @@ class FeatureCache:
         if videos_per_shard < 1:
             raise ValueError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
         videos_per_shard = min(videos_per_shard, n)
+        if compression not in TOKEN_CODECS:
+            raise ValueError(f"compression must be one of {TOKEN_CODECS}, got {compression!r}")
         if text_tokens is not None:
             text_tokens = np.asarray(text_tokens)
             if text_tokens.shape != (m, words):
@@ -209,7 +220,7 @@ class FeatureCache:
             dtype="float16",
             chunks=(1, frames, num_tokens, dim),
             shards=(s, frames, num_tokens, dim),
-            compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+            compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle") if compression else None,
             fill_value=0,
             dimension_names=("video", "frame", "token", "channel"),
         )
@@ -288,6 +299,7 @@ class FeatureCache:
         videos_per_shard: int | None = None,
         overwrite: bool = False,
         text_tokens: np.ndarray | None = None,
+        compression: str | None = TOKEN_COMPRESSION,
     ) -> FeatureCache:
         """Reopen the cache at `path` for writing (resume) if it was built with the same fingerprint
         and layout, else create it. A different existing cache raises `FingerprintMismatch` unless
@@ -325,6 +337,7 @@ class FeatureCache:
             videos_per_shard=videos_per_shard,
             overwrite=overwrite,
             text_tokens=text_tokens,
+            compression=compression,
         )
 
     # ----------------------------------------------------------------------------- properties
@@ -615,27 +628,55 @@ class FeatureCache:
 
     # ---------------------------------------------------------------------------------- reads
     def read_videos(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> tokens float16 [b, T, L, D], mask uint8 [b, T] in the order of `indices`.
+        """-> tokens float16 [b, T, L, D], mask uint8 [b, T] in the order of `indices` (repeats ok).
 
-        Sorted indices are cheapest: a contiguous run is one slice, other sets read only their chunks.
+        Each stored video is read once: whole inner chunks straight from the shard files where the
+        layout allows (`_ShardFiles`), else one basic zarr slice per contiguous run of rows. Never
+        orthogonal indexing: over a sharded array zarr-python builds a per-element coordinate
+        selection inside each shard (zarr-python issue #3829), ~35x slower with GBs of temporaries.
         Reads what is stored (rows still buffered by this writer are not visible)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_videos):
             raise IndexError(f"video indices out of range [0, {self.n_videos})")
-        if idx.size == 0:
-            return (
-                np.zeros((0, self.frames, self.num_tokens, self.dim), np.float16),
-                np.zeros((0, self.frames), np.uint8),
-            )
         uniq, inverse = np.unique(idx, return_inverse=True)
-        if _runs_cover(uniq):
-            lo, hi = int(uniq[0]), int(uniq[-1]) + 1
-            tokens, mask = self._tokens[lo:hi], self._mask[lo:hi]
-        else:
-            tokens, mask = self._tokens.oindex[uniq], self._mask.oindex[uniq]
-        if uniq.size == idx.size and np.array_equal(uniq, idx):
+        tokens = np.empty((uniq.size, self.frames, self.num_tokens, self.dim), np.float16)
+        mask = np.empty((uniq.size, self.frames), np.uint8)
+        self.read_videos_into(uniq, tokens, mask)
+        if uniq.size == idx.size and np.array_equal(uniq, idx):  # sorted, unique: already in order
             return tokens, mask
         return tokens[inverse], mask[inverse]
+
+    def read_videos_into(self, rows: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Read sorted, unique video `rows` into `tokens` (float16 [b, T, L, D], C-contiguous; e.g. a
+        pinned tensor's numpy view) and `mask` (uint8 [b, T]) without intermediate copies."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        b = rows.size
+        if tokens.shape != (b, self.frames, self.num_tokens, self.dim) or tokens.dtype != np.float16:
+            raise ValueError(f"tokens must be float16 [{b}, {self.frames}, {self.num_tokens}, {self.dim}], "
+                             f"got {tokens.dtype} {tokens.shape}")
+        if not tokens.flags.c_contiguous:
+            raise ValueError("tokens must be C-contiguous")
+        if b and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= self.n_videos):
+            raise ValueError(f"rows must be sorted, unique and in [0, {self.n_videos})")
+        if b == 0:
+            return
+        if mask is not None:
+            mask[...] = self._stored_mask(rows)
+        if self._shard_files is None:
+            self._shard_files = _ShardFiles.open(self.path / "videos" / "tokens", self._tokens) or False
+        if self._shard_files:
+            self._shard_files.read_into(rows, tokens, self.videos_per_shard)
+            return
+        for lo, hi, at in _runs(rows):  # any other layout: one basic slice per run of rows
+            tokens[at : at + hi - lo] = self._tokens[lo:hi]
+
+    def _stored_mask(self, rows: np.ndarray) -> np.ndarray:
+        # The whole mask is small (N x T bytes): a reader loads it once; a writer reads the runs.
+        if self.mode == "r":
+            if self._mask_all is None:
+                self._mask_all = self._mask[:]
+            return self._mask_all[rows]
+        return np.concatenate([self._mask[lo:hi] for lo, hi, _ in _runs(rows)])
 
     def read_done(self) -> np.ndarray:
         """uint8 [N]: 0 pending, 1 cached, 2 failed (as stored)."""
@@ -702,3 +743,128 @@ def _remove_cache(path: Path) -> None:
         shutil.rmtree(path)
     else:
         raise FileExistsError(f"{path} exists and is not a muse feature cache; refusing to delete it")
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """Sorted unique rows -> [(lo, hi, position of lo in rows)] for each contiguous run."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [rows.size]])
+    return [(int(rows[a]), int(rows[e - 1]) + 1, int(a)) for a, e in zip(starts, ends, strict=True)]
+
+
+_EMPTY = 2**64 - 1  # offset and length of an inner chunk that was never written (reads as fill value 0)
+
+
+class _ShardFiles:
+    """Reads whole inner chunks of /videos/tokens straight from the shard files of a local store.
+
+    The layout is zarr v3's `sharding_indexed` codec as FeatureCache.create writes it: one file per
+    shard at `c/<k>/0/0/0`, inner chunks of one video ([1, T, L, D]) encoded with `bytes` (little
+    endian) and optionally `blosc`; at the end of the file the index, [S, 1, 1, 1, 2] little-endian
+    uint64 (offset, nbytes) per inner chunk ((2^64-1, 2^64-1) = not written), then its crc32c. Each
+    video is one pread into the destination (uncompressed) or one pread plus a blosc decode into it:
+    no per-call zarr machinery, which costs ~2 ms per call. `open` returns None for any other layout
+    or store (then the caller uses zarr slices); tests compare the two bit for bit."""
+
+    def __init__(self, root: Path, chunk_bytes: int, blosc: bool) -> None:
+        self.root = root
+        self.chunk_bytes = chunk_bytes
+        self.blosc = blosc
+        self.checksum = True
+        self._index: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
+
+    @classmethod
+    def open(cls, root: Path, array: Any) -> _ShardFiles | None:
+        try:
+            meta = json.loads((root / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return None
+        codecs = meta.get("codecs", [])
+        key = meta.get("chunk_key_encoding", {})
+        if (
+            len(codecs) != 1
+            or codecs[0].get("name") != "sharding_indexed"
+            or meta.get("data_type") != "float16"
+            or key.get("name") != "default"
+            or key.get("configuration", {}).get("separator", "/") != "/"
+        ):
+            return None
+        conf = codecs[0].get("configuration", {})
+        shape = list(meta["shape"])
+        inner = [c.get("name") for c in conf.get("codecs", [])]
+        index = [c.get("name") for c in conf.get("index_codecs", [])]
+        if (
+            conf.get("index_location", "end") != "end"
+            or list(conf.get("chunk_shape", [])) != [1, *shape[1:]]
+            or inner not in (["bytes"], ["bytes", "blosc"])
+            or conf["codecs"][0].get("configuration", {}).get("endian", "little") != "little"
+            or index not in (["bytes"], ["bytes", "crc32c"])
+            or conf["index_codecs"][0].get("configuration", {}).get("endian", "little") != "little"
+            or not (root / "c").is_dir()
+        ):
+            return None
+        reader = cls(root, int(np.prod(shape[1:])) * 2, inner == ["bytes", "blosc"])
+        reader.checksum = index == ["bytes", "crc32c"]
+        return reader
+
+    def _shard_index(self, k: int, fd: int, per_shard: int) -> np.ndarray:
+        """[S, 2] uint64 (offset, nbytes) of shard k, cached while the file is unchanged."""
+        st = os.fstat(fd)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._index.get(k)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        size = per_shard * 16 + (4 if self.checksum else 0)
+        raw = os.pread(fd, size, st.st_size - size)
+        if len(raw) != size:
+            raise OSError(f"{self.root}: shard {k} is truncated ({st.st_size} bytes)")
+        if self.checksum:
+            _check_crc32c(raw[:-4], raw[-4:], self.root, k)
+        table = np.frombuffer(raw[: per_shard * 16], dtype="<u8").reshape(per_shard, 2)
+        self._index[k] = (stamp, table)
+        return table
+
+    def read_into(self, rows: np.ndarray, out: np.ndarray, per_shard: int) -> None:
+        flat = out.reshape(out.shape[0], -1).view(np.uint8)  # one byte row per video
+        shards = rows // per_shard
+        for k in np.unique(shards):
+            at = np.flatnonzero(shards == k)
+            path = self.root / "c" / str(int(k)) / "0" / "0" / "0"
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # shard never written: fill value
+                out[at] = 0
+                continue
+            try:
+                table = self._shard_index(int(k), fd, per_shard)
+                for j in at:
+                    offset, nbytes = (int(x) for x in table[int(rows[j]) - int(k) * per_shard])
+                    dest = flat[j]
+                    if offset == _EMPTY:
+                        dest[:] = 0
+                    elif self.blosc:
+                        _blosc_into(os.pread(fd, nbytes, offset), dest, self.chunk_bytes)
+                    else:
+                        if nbytes != self.chunk_bytes or os.preadv(fd, [dest], offset) != nbytes:
+                            raise OSError(f"{path}: chunk of video {int(rows[j])} is damaged")
+            finally:
+                os.close(fd)
+
+
+def _blosc_into(src: bytes, dest: np.ndarray, nbytes: int) -> None:
+    from numcodecs import blosc
+
+    # blosc frame header: bytes 4..8 = uncompressed size (little-endian uint32)
+    if dest.nbytes != nbytes or len(src) < 16 or int.from_bytes(src[4:8], "little") != nbytes:
+        raise OSError(f"a compressed chunk of the feature cache does not decode to {nbytes} bytes (damaged)")
+    blosc.decompress(src, dest)
+
+
+def _check_crc32c(data: bytes, stored: bytes, root: Path, k: int) -> None:
+    try:
+        import google_crc32c  # zarr's own dependency for this checksum
+    except ImportError:  # pragma: no cover - zarr installs it
+        return
+    if np.uint32(google_crc32c.value(data)).tobytes() != stored:
+        raise OSError(f"{root}: the index of shard {k} fails its crc32c checksum (damaged file)")

@@ -66,7 +66,10 @@ class MambaDirection(nn.Module):
         delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # [B, d_inner, L]
         if pad_mask is not None:
             delta = delta.masked_fill(pad_mask[:, None, :], 0.0)
-        # A and D stay in the parameter dtype (float32 under bf16 autocast): the scan runs in float32.
+        # dtypes under bf16 autocast (CUDA's policy): xc, b, c, z are bf16 (matmul / conv outputs),
+        # delta float32 (softplus is on autocast's float32 list), A and D float32 parameters. The torch
+        # scan computes in float32 whatever it gets; the CUDA dispatch (scan.kernel_arguments) casts
+        # delta and z to xc's dtype as mamba_ssm's checks demand, where 0 at the pads stays exactly 0.
         return scan_fn(
             xc, delta, -torch.exp(self.A_log), b.transpose(1, 2).contiguous(), c.transpose(1, 2).contiguous(),
             D=self.D, z=z, delta_bias=None, delta_softplus=False,

@@ -38,13 +38,57 @@ def causal_conv1d(
 ) -> torch.Tensor:
     """Same as `causal_conv1d_torch`; on CUDA uses `causal_conv1d.causal_conv1d_fn` when installed
     (env MUSE_CONV=torch forces the torch path)."""
-    from muse_pipeline.models.scan import _env_choice
 
-    fn = _kernel() if x.is_cuda and _env_choice("MUSE_CONV") != "torch" else None
-    choice = "causal_conv1d" if fn is not None else "torch"
+    choice = conv_backend(x, weight)
     if choice not in _logged:
         _logged.add(choice)
         log.info("causal conv1d backend: %s", choice)
-    if fn is None:
+    if choice == "torch":
         return causal_conv1d_torch(x, weight, bias, activation)
-    return fn(x, weight, bias, activation)
+    return _call_kernel(_kernel(), x, weight, bias, activation)
+
+
+# Widths the kernel is built for (csrc/causal_conv1d.cpp, causal_conv1d_fwd:
+# TORCH_CHECK(width >= 2 && width <= 4)); other widths take the torch path.
+KERNEL_WIDTHS = (2, 3, 4)
+
+
+def _on_kernel_device(x: torch.Tensor) -> bool:
+    """Whether x lives where the CUDA kernel can read it (tests patch this to run the dispatch on CPU)."""
+    return x.is_cuda
+
+
+def conv_backend(x: torch.Tensor, weight: torch.Tensor | None = None) -> str:
+    """'causal_conv1d' or 'torch' for x (env MUSE_CONV=torch forces torch)."""
+    from muse_pipeline.models.scan import _env_choice
+
+    if _env_choice("MUSE_CONV") == "torch" or not _on_kernel_device(x) or _kernel() is None:
+        return "torch"
+    if weight is not None and weight.shape[-1] not in KERNEL_WIDTHS:
+        return "torch"
+    return "causal_conv1d"
+
+
+def _call_kernel(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 activation: str | None) -> torch.Tensor:
+    """causal_conv1d_fn with the arguments its checks demand (causal-conv1d 1.4 - 1.6, pinned in the
+    `cuda` extra). Facts from causal_conv1d/causal_conv1d_interface.py and csrc/causal_conv1d.cpp:
+    - signature (x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+      final_states_out=None, activation=None): since 1.1 the 4th positional is seq_idx, so
+      `activation` must be a keyword;
+    - x: [B, D, L] float32/float16/bfloat16 with stride(2) == 1 or stride(1) == 1; the channel-last
+      case further needs D % 8 == 0 and strides that are multiples of 8: an aligned channel-last view
+      (BiMamba's in_proj chunk at D % 8 == 0) goes in as it is, anything else is made channel-first
+      contiguous (accepted for any D);
+    - weight: [D, width] float32/float16/bfloat16, any dtype relative to x (under bf16 autocast x is
+      bf16 and the weight stays float32, which the kernel accepts); bias: [D], same dtype as weight,
+      stride(-1) == 1;
+    - output: x's dtype (out = torch.empty_like(x)), as F.conv1d gives under autocast."""
+    channel_last = x.stride(1) == 1 and x.stride(2) > 1
+    aligned = x.shape[1] % 8 == 0 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0
+    if x.stride(2) != 1 and not (channel_last and aligned):
+        x = x.contiguous()
+    weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.to(weight.dtype).contiguous()
+    return fn(x, weight, bias=bias, activation=activation)

@@ -329,10 +329,55 @@ def scan_backend(x: torch.Tensor) -> str:
     if forced == "torch":
         return "torch"
     if forced == "mamba_ssm":
-        if _mamba_kernel() is None or not x.is_cuda:
+        if _mamba_kernel() is None or not _on_kernel_device(x):
             raise RuntimeError("MUSE_SCAN=mamba_ssm needs the mamba_ssm package and CUDA tensors")
         return "mamba_ssm"
-    return "mamba_ssm" if x.is_cuda and _mamba_kernel() is not None else "torch"
+    return "mamba_ssm" if _on_kernel_device(x) and _mamba_kernel() is not None else "torch"
+
+
+def _on_kernel_device(x: torch.Tensor) -> bool:
+    """Whether x lives where the CUDA kernel can read it (tests patch this to run the dispatch on CPU)."""
+    return x.is_cuda
+
+
+# dtypes selective_scan_cuda accepts for u (csrc/selective_scan/selective_scan.cpp, selective_scan_fwd:
+# TORCH_CHECK(input_type == Float || Half || BFloat16)).
+KERNEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_arguments(u, delta, A, B, C, D=None, z=None, delta_bias=None):  # noqa: N803
+    """The scan's tensors cast / laid out as mamba_ssm's selective_scan_fwd checks them (mamba-ssm
+    2.2.2 - 2.3.1, pinned in the `cuda` extra; csrc/selective_scan/selective_scan.cpp):
+    - input_type = u's dtype (float32, float16 or bfloat16); delta.scalar_type() == input_type and
+      z.scalar_type() == input_type. Under bf16 autocast u and z come out of bf16 matmuls while
+      softplus (on CUDA autocast's float32 list) makes delta float32: delta and z are cast to u's
+      dtype. A zero delta stays exactly zero in any float dtype, so padding stays exact;
+    - weight_type = A's dtype, float32 (or complex64); A is cast to float32;
+    - time-varying B / C ([B, N, L], or [B, G, N, L]): dtype == input_type; fixed ones ([Dm, N]):
+      dtype == weight_type;
+    - D and delta_bias: float32;
+    - u, delta, z, B, C: stride(-1) == 1 (the Python wrapper in mamba_ssm/ops/selective_scan_interface.py
+      makes them so; doing it here keeps the copies visible);
+    - the kernel computes in float32 internally and returns u's dtype.
+    Returns the same 8 tensors (None where given None)."""
+    if u.dtype not in KERNEL_INPUT_DTYPES:
+        u = u.float()
+    itype = u.dtype
+
+    def last_contig(t: torch.Tensor) -> torch.Tensor:
+        return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+    u = last_contig(u)
+    delta = last_contig(delta.to(itype))
+    A = A.float()  # noqa: N806
+    B, C = (last_contig(m.to(itype if m.ndim >= 3 else torch.float32)) for m in (B, C))  # noqa: N806
+    if D is not None:
+        D = D.float().contiguous()  # noqa: N806
+    if z is not None:
+        z = last_contig(z.to(itype))
+    if delta_bias is not None:
+        delta_bias = delta_bias.float().contiguous()
+    return u, delta, A, B, C, D, z, delta_bias
 
 
 def selective_scan(
@@ -351,5 +396,6 @@ def selective_scan(
     _log_once(backend)
     if backend == "mamba_ssm":
         fn = _mamba_kernel()
-        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        u, delta, A, B, C, D, z, delta_bias = kernel_arguments(u, delta, A, B, C, D, z, delta_bias)  # noqa: N806
+        return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -11,6 +11,7 @@ once) inside a DataLoader worker, instead of one small read per sample.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,9 +242,175 @@ class CachePairDataset(Dataset):
         return {"tokens": tokens, "mask": mask, "text_emb": torch.from_numpy(self.text_emb[rows])}
 
 
+# --------------------------------------------------------------------------------------------------
+# Training tokens held in memory (`--cache-memory`)
+
+CACHE_MEMORY_MODES = ("auto", "ram", "device", "off")
+# `auto` keeps tokens on the GPU when they take at most this fraction of its free memory (the rest is
+# for activations: the paper-size muse head at batch 128 needs a few GB), else in RAM when they take
+# at most RAM_FRACTION of the available RAM (per process on this machine), else reads the cache.
+DEVICE_FRACTION = 0.4
+RAM_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class CacheMemory:
+    """Where the training tokens live: "device" (GPU), "ram" (pinned on CUDA) or "off" (cache reads)."""
+
+    mode: str
+    requested: str
+    token_bytes: int  # training videos' tokens + masks, per process
+    reason: str
+
+    def describe(self) -> str:
+        return f"cache memory: {self.mode} ({self.token_bytes / 2**30:.2f} GiB of training tokens; {self.reason})"
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "requested": self.requested, "token_bytes": self.token_bytes,
+                "reason": self.reason}
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations (MemAvailable), or total RAM if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Free bytes on a CUDA device (0 for other devices)."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def choose_cache_memory(requested: str, token_bytes: int, device: torch.device, processes: int = 1, *,
+                        free_device: int | None = None, free_ram: int | None = None) -> CacheMemory:
+    """Decide where training tokens live. `processes`: ranks on this machine, each holding a copy.
+    An explicit mode that cannot work (device without CUDA, more than the free memory) is an InputError."""
+    from muse_pipeline.errors import InputError
+
+    if requested not in CACHE_MEMORY_MODES:
+        raise InputError(f"--cache-memory must be one of {', '.join(CACHE_MEMORY_MODES)}, got {requested!r}")
+    gib = 2**30
+    ram = available_ram() if free_ram is None else free_ram
+    is_cuda = device.type == "cuda"
+    gpu = (free_device_memory(device) if free_device is None else free_device) if is_cuda else 0
+    if requested == "off":
+        return CacheMemory("off", requested, token_bytes, "asked for: batches are read from the cache")
+    if requested == "device":
+        if not is_cuda:
+            raise InputError(f"--cache-memory device needs a CUDA device, this run uses {device}; use ram or auto")
+        if token_bytes > gpu:
+            raise InputError(f"--cache-memory device: {token_bytes / gib:.2f} GiB of training tokens do not fit "
+                             f"in the {gpu / gib:.2f} GiB free on {device}; use ram or auto")
+        return CacheMemory("device", requested, token_bytes, f"asked for; {gpu / gib:.1f} GiB free on {device}")
+    if requested == "ram":
+        if token_bytes * processes > ram:
+            raise InputError(f"--cache-memory ram: {processes} x {token_bytes / gib:.2f} GiB of training tokens "
+                             f"exceed the {ram / gib:.2f} GiB of available RAM; use off or auto")
+        return CacheMemory("ram", requested, token_bytes, f"asked for; {ram / gib:.1f} GiB RAM available")
+    if is_cuda and token_bytes <= DEVICE_FRACTION * gpu:
+        why = f"auto: fits in {DEVICE_FRACTION:.0%} of the {gpu / gib:.1f} GiB free on {device}"
+        return CacheMemory("device", requested, token_bytes, why)
+    if token_bytes * processes <= RAM_FRACTION * ram:
+        why = (f"auto: {processes} cop{'y' if processes == 1 else 'ies'} fit in {RAM_FRACTION:.0%} of the "
+               f"{ram / gib:.1f} GiB of available RAM")
+        return CacheMemory("ram", requested, token_bytes, why)
+    return CacheMemory("off", requested, token_bytes,
+                       f"auto: too large for {RAM_FRACTION:.0%} of the {ram / gib:.1f} GiB of available RAM")
+
+
+class InMemoryCachePairDataset(CachePairDataset):
+    """CachePairDataset whose training videos are read once into one tensor, in (pinned) RAM or on
+    the GPU; each batch is then one gather there (`index_select`), in the main process.
+
+    Batches are identical to CachePairDataset's (same float16 tokens, same masks). Videos outside the
+    training set (validation) are still read from the cache."""
+
+    in_memory = True  # make_loader: no worker processes (they would copy the tensor), no pin_memory
+
+    def __init__(self, arrays: CacheArrays, text_rows: np.ndarray, device: torch.device, pin: bool,
+                 read_rows: int = 64) -> None:
+        super().__init__(arrays, text_rows)
+        videos = np.unique(self.text_video[self.text_rows])
+        self.slot = np.full(len(arrays.video_ids), -1, dtype=np.int64)
+        self.slot[videos] = np.arange(len(videos))
+        shape = (len(videos), arrays.frames, arrays.num_tokens, arrays.dim)
+        on_device = device.type != "cpu"
+        self.device = device if on_device else torch.device("cpu")
+        self.pin = pin and not on_device
+        self.tokens = torch.empty(shape, dtype=torch.float16, device=self.device, pin_memory=self.pin)
+        self.mask = torch.empty(shape[:2], dtype=torch.bool, device=self.device)
+        reader = self._reader()
+        # RAM: read straight into the tensor; GPU: through one pinned staging buffer of `read_rows` videos
+        stage = None if not on_device else torch.empty((read_rows, *shape[1:]), dtype=torch.float16,
+                                                        pin_memory=torch.cuda.is_available())
+        mask_np = np.empty(shape[:2], np.uint8)
+        for lo in range(0, len(videos), read_rows):
+            rows = videos[lo : lo + read_rows]
+            if stage is None:
+                reader.read_videos_into(rows, self.tokens[lo : lo + len(rows)].numpy(), mask_np[lo : lo + len(rows)])
+            else:
+                buf = stage[: len(rows)]
+                reader.read_videos_into(rows, buf.numpy(), mask_np[lo : lo + len(rows)])
+                self.tokens[lo : lo + len(rows)].copy_(buf)  # synchronous: the buffer is reused next
+        self.mask.copy_(torch.from_numpy(mask_np).bool())
+
+    def __getstate__(self) -> dict:
+        raise TypeError("InMemoryCachePairDataset is used in the main process only (make_loader: no workers)")
+
+    def _gather(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.from_numpy(slots).to(self.device)
+        if self.device.type != "cpu":
+            return self.tokens.index_select(0, index), self.mask.index_select(0, index)
+        # One memcpy per video (rows are ~0.6 MB): several times torch's float16 index_select and numpy's
+        # take on one CPU thread. Into pinned memory on CUDA machines, so that the trainer's
+        # non_blocking copy to the GPU is asynchronous.
+        tokens = torch.empty((len(slots), *self.tokens.shape[1:]), dtype=torch.float16, pin_memory=self.pin)
+        src, dst = self.tokens.numpy(), tokens.numpy()
+        for j, slot in enumerate(slots.tolist()):
+            dst[j] = src[slot]
+        return tokens, self.mask.index_select(0, index)
+
+    def read_videos(self, videos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = self.slot[np.asarray(videos, dtype=np.int64)]
+        if (slots < 0).any():
+            return super().read_videos(videos)
+        return self._gather(slots)
+
+    def __getitem__(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = self.text_rows[np.asarray(positions, dtype=np.int64)]
+        tokens, mask = self._gather(self.slot[self.text_video[rows]])
+        return {"tokens": tokens, "mask": mask, "text_emb": torch.from_numpy(self.text_emb[rows])}
+
+
+def training_token_bytes(arrays: CacheArrays, text_rows: np.ndarray) -> int:
+    n = len(np.unique(arrays.text_video[np.asarray(text_rows, dtype=np.int64)]))
+    return n * arrays.frames * (arrays.num_tokens * arrays.dim * 2 + 1)
+
+
+def cache_dataset(arrays: CacheArrays, text_rows: np.ndarray, requested: str, device: torch.device,
+                  processes: int = 1) -> tuple[CachePairDataset, CacheMemory]:
+    """The training dataset for `--cache-memory requested` on `device`, and the decision taken."""
+    memory = choose_cache_memory(requested, training_token_bytes(arrays, text_rows), device, processes)
+    if memory.mode == "off":
+        return CachePairDataset(arrays, text_rows), memory
+    where = device if memory.mode == "device" else torch.device("cpu")
+    return InMemoryCachePairDataset(arrays, text_rows, where, pin=device.type == "cuda"), memory
+
+
 def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """One batch per sampler item; a private generator so that creating an iterator never draws from
-    the global torch RNG (which would shift dropout masks and break an exact resume)."""
+    the global torch RNG (which would shift dropout masks and break an exact resume). Datasets held
+    in memory are gathered in the main process (already pinned or on the device)."""
+    if getattr(dataset, "in_memory", False):
+        num_workers, pin_memory = 0, False
     return DataLoader(
         dataset,
         sampler=sampler,

@@ -16,12 +16,18 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 # Set in the children of a `--gpus N` relaunch, so they never relaunch again.
 CHILD_ENV = "MUSE_DDP_CHILD"
+# How long a collective may wait (`--nccl-timeout`). At each epoch end the other ranks wait in a
+# collective while rank 0 validates and writes best/last weights and state.pt; torch's default (10
+# minutes for NCCL) can run out on a large validation set or a slow disk and kill a healthy run.
+# Two hours covers that; a real hang still ends.
+DEFAULT_TIMEOUT_S = 7200.0
 
 
 @dataclass(frozen=True)
@@ -44,12 +50,13 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup(device: str | None = None) -> DistContext:
+def setup(device: str | None = None, timeout_s: float | None = None) -> DistContext:
     """Join the process group when started by torchrun (or a test's spawner); else a world of one.
 
     `device`: "cpu", "cuda" or None (CUDA when available). Under DDP on CUDA each rank takes
-    cuda:LOCAL_RANK.
+    cuda:LOCAL_RANK. `timeout_s`: the collectives' timeout (default DEFAULT_TIMEOUT_S).
     """
+    timeout = process_group_timeout(timeout_s)
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")
@@ -65,8 +72,19 @@ def setup(device: str | None = None) -> DistContext:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", rank=rank, world_size=world,
+                                timeout=timeout)
     return DistContext(rank, world, local_rank, dev)
+
+
+def process_group_timeout(timeout_s: float | None) -> timedelta:
+    """The timeout for init_process_group; InputError unless it is a positive number of seconds."""
+    from muse_pipeline.errors import InputError
+
+    seconds = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+    if not seconds > 0:
+        raise InputError(f"--nccl-timeout must be a positive number of seconds, got {timeout_s!r}")
+    return timedelta(seconds=seconds)
 
 
 def teardown() -> None:
