@@ -16,7 +16,8 @@ group x time block) whose [tb, B, g, N] temporaries stay cache-sized; the state 
 time block to the next, so memory is O(tile + B*Dm*L), never O(B*Dm*L*N).
 Where each path runs (`selective_scan`, env MUSE_SCAN=torch|numba|mamba_ssm forces one):
 - CPU tensors: the fused numba kernel of `scan_numba.py` (state in locals, checkpointed recompute in
-  the backward): 13-80x this chunked path on 2 cores (BENCHMARKS.md), in O(B*Dm*L) memory.
+  the backward): 10-37x this chunked path forward + backward on 2 cores (BENCHMARKS.md), in
+  O(B*Dm*L) memory.
 - CUDA tensors: mamba_ssm's kernel when installed.
 - Anything else (CUDA without mamba_ssm, MPS, XPU...): this chunked torch path, the only one that
   runs on any torch device; it is kept for that. On CPU it is the fallback when numba cannot import.
