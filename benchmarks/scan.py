@@ -1,24 +1,32 @@
-"""Selective scan: the chunked torch path vs the sequential reference (time, equal results).
+"""Selective scan: the fused numba kernel vs the chunked torch path vs a reference-style loop (CPU).
 
-    python benchmarks/scan.py                     # CPU, the paper's size and the tiny demo size
-    python benchmarks/scan.py --device cuda       # adds the mamba_ssm kernel when installed
+    python benchmarks/scan.py                     # the three CPU sizes of issue 11, 2 threads
+    python benchmarks/scan.py --device cuda       # chunked torch vs mamba_ssm's kernel when installed
 
-Prints a markdown table. The reference is timed on --ref-length tokens and scaled linearly to the
-full length (it is one Python step per token, so its time is linear in L; the table says so).
+Baseline "loop": mamba_ssm's `selective_scan_ref` style: exp(delta*A) and delta*B*u precomputed as
+[B, D, L, N] tensors, then one Python step per token over `unbind(2)` along time (h = a_t * h + b_t,
+y_t = h . C_t), autograd for the backward. (A loop that indexes [:, :, t] instead of `unbind` is much
+slower still: each step's backward writes a full-size gradient, O(L^2).) Every path runs at full
+length; nothing is extrapolated. Times are the best of up to --repeats runs (a path whose single run
+takes longer than --long seconds runs once). Accuracy: max abs difference of y and of all gradients
+against the sequential float64 reference (`scan_ref.py`) at the same B x D x N and L = 512.
+Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 from muse_pipeline.models.scan import selective_scan_torch
 from muse_pipeline.models.scan_ref import selective_scan_ref
 
 
-def make(b, d, n, length, device, seed=0):
+def make(b, d, n, length, device, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = dict(
         u=torch.randn(b, d, length, generator=g),
@@ -30,7 +38,29 @@ def make(b, d, n, length, device, seed=0):
         z=torch.randn(b, d, length, generator=g),
         delta_bias=torch.full((d,), -3.0),
     )
-    return {k: v.to(device) for k, v in x.items()}
+    return {k: v.to(device=device, dtype=dtype) for k, v in x.items()}
+
+
+def loop_unbind(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):  # noqa: N803
+    """The baseline: mamba_ssm-reference style (precomputed [B, D, L, N] decay and input, loop over
+    `unbind` along time)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    inp = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for a_t, b_t, c_t in zip(decay.unbind(2), inp.unbind(2), C.unbind(2), strict=True):
+        h = a_t * h + b_t
+        ys.append(torch.einsum("bdn,bn->bd", h, c_t))
+    y = torch.stack(ys, dim=2)
+    if D is not None:
+        y = y + u * D[:, None]
+    if z is not None:
+        y = y * F.silu(z)
+    return y
 
 
 def sync(device):
@@ -38,7 +68,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, x, backward, device, repeats):
+def timed(fn, x, backward, device, repeats, long_s):
     best = float("inf")
     for _ in range(repeats):
         xs = {k: v.clone().requires_grad_(backward) for k, v in x.items()}
@@ -49,53 +79,73 @@ def timed(fn, x, backward, device, repeats):
             y.sum().backward()
         sync(device)
         best = min(best, time.perf_counter() - t0)
+        del xs, y
+        if best > long_s:
+            break
     return best
 
 
-def max_diff(fn_a, fn_b, x):
-    xa = {k: v.clone().requires_grad_() for k, v in x.items()}
-    xb = {k: v.clone().requires_grad_() for k, v in x.items()}
-    ya, yb = fn_a(**xa, delta_softplus=True), fn_b(**xb, delta_softplus=True)
-    gy = torch.randn_like(ya)
-    (ya * gy).sum().backward()
-    (yb * gy).sum().backward()
-    grad = max((xa[k].grad - xb[k].grad).abs().max().item() for k in xa)
-    return (ya - yb).abs().max().item(), grad
+def max_diff(fn, x):
+    """max |fn - float64 reference| of y and of every input's gradient."""
+    x64 = {k: v.double().requires_grad_() for k, v in x.items()}
+    xf = {k: v.clone().requires_grad_() for k, v in x.items()}
+    y64, yf = selective_scan_ref(**x64, delta_softplus=True), fn(**xf, delta_softplus=True)
+    gy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (y64 * gy).sum().backward()
+    (yf * gy.to(yf.dtype)).sum().backward()
+    grad = max((xf[k].grad.double() - x64[k].grad).abs().max().item() for k in x)
+    return (yf.double() - y64).abs().max().item(), grad
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--configs", default="8x512x16x3060:306,2x64x16x2040:2040",
-                   help="comma list of BxDxNxL:REF_L (reference timed on REF_L tokens, scaled to L)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default; 1 keeps a shared machine fair)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--configs", default="2x128x16x3060,8x512x16x3060,1x128x16x16320", help="comma list of BxDxNxL")
+    p.add_argument("--threads", type=int, default=2, help="torch (and numba) CPU threads; 0 = torch default")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--long", type=float, default=20.0, help="a path slower than this (s) runs once")
+    p.add_argument("--skip-loop", action="store_true", help="leave out the (slow, memory-hungry) loop baseline")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    kernel = None
+    paths = {}
+    if not args.skip_loop:
+        paths["loop (unbind)"] = loop_unbind
+    paths["chunked torch"] = selective_scan_torch
+    fast_name = "numba"
     if args.device == "cuda":
         try:
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fast
         except Exception:
-            kernel = None
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, float32, delta_softplus\n")
-    print("| B x D x N x L | pass | reference (s) | chunked torch (s) | speedup | mamba_ssm (s) | max abs diff y / grads |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+            fast = None
+        fast_name = "mamba_ssm"
+    else:
+        from muse_pipeline.models.scan_numba import selective_scan_numba as fast
+    if fast is not None:
+        paths[fast_name] = fast
+        tiny = make(1, 2, 2, 8, args.device)
+        timed(fast, tiny, True, args.device, 1, 0)  # JIT load / compile outside the timings
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("-",)
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, float32, delta_softplus, "
+          f"load average at start {load[0]:.2f}\n")
+    names = list(paths)
+    head = " | ".join(f"{n} (s)" for n in names)
+    ratios = [f"{fast_name} vs {n}" for n in names if n != fast_name] if fast_name in paths else []
+    print(f"| B x D x N x L | pass | {head} | {' | '.join(ratios)} | max abs diff vs float64 ref: y / grads |")
+    print("| --- | --- | " + " | ".join("---" for _ in names + ratios) + " | --- |")
     for spec in args.configs.split(","):
-        shape, ref_len = spec.split(":")
-        b, d, n, length = (int(v) for v in shape.split("x"))
-        ref_len = min(int(ref_len), length)
+        b, d, n, length = (int(v) for v in spec.split("x"))
         x = make(b, d, n, length, args.device)
-        x_ref = make(b, d, n, ref_len, args.device)
-        diff_y, diff_g = max_diff(selective_scan_ref, selective_scan_torch, make(b, d, n, min(ref_len, 512), args.device))
+        diffs = {k: max_diff(fn, make(b, d, n, min(length, 512), args.device, seed=1))
+                 for k, fn in paths.items() if k in ("chunked torch", fast_name)}
         for backward in (False, True):
-            t_ref = timed(selective_scan_ref, x_ref, backward, args.device, 1) * length / ref_len
-            t_new = timed(selective_scan_torch, x, backward, args.device, args.repeats)
-            t_k = f"{timed(kernel, x, backward, args.device, args.repeats):.4f}" if kernel else "-"
-            scaled = f"{t_ref:.3f}" + (f" (L={ref_len} x{length / ref_len:g})" if ref_len < length else "")
-            print(f"| {b}x{d}x{n}x{length} | {'fwd+bwd' if backward else 'fwd'} | {scaled} | {t_new:.3f} | "
-                  f"{t_ref / t_new:.1f}x | {t_k} | {diff_y:.1e} / {diff_g:.1e} |", flush=True)
+            t = {k: timed(fn, x, backward, args.device, args.repeats, args.long) for k, fn in paths.items()}
+            cells = [f"{t[k]:.3f}" for k in names]
+            cells += [f"{t[k] / t[fast_name]:.1f}x" for k in names if k != fast_name] if ratios else []
+            diff = "; ".join(f"{k} {dy:.1e} / {dg:.1e}" for k, (dy, dg) in diffs.items())
+            print(f"| {spec} | {'fwd+bwd' if backward else 'fwd'} | {' | '.join(cells)} | {diff} |", flush=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("-",)
+    print(f"\nload average at end {load[0]:.2f}")
 
 
 if __name__ == "__main__":

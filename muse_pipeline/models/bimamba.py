@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from muse_pipeline.models.conv import causal_conv1d, causal_conv1d_torch
 from muse_pipeline.models.scan import selective_scan
@@ -96,6 +97,15 @@ class BiMamba(nn.Module):
         if pad_mask is not None and pad_mask.shape != x.shape[:2]:
             raise ValueError(f"pad_mask must be [B, L]={tuple(x.shape[:2])}, got {tuple(pad_mask.shape)}")
         fns = dict(conv_fn=causal_conv1d_torch, scan_fn=selective_scan_ref) if reference else {}
+        if torch.is_grad_enabled() and x.device.type == "cpu" and not reference:
+            # CPU training keeps only x and recomputes the block in the backward, as mamba_ssm's fused
+            # CUDA path keeps little more than in_proj's output: the conv / x_proj / dt_proj / scan
+            # activations of both directions are ~17 [B, d_inner, L] tensors per block, which made the
+            # muse head need 2.5x muse-transformer's memory on CPU (BENCHMARKS.md, fusion).
+            return checkpoint(self._mix, x, pad_mask, fns, use_reentrant=False)
+        return self._mix(x, pad_mask, fns)
+
+    def _mix(self, x: torch.Tensor, pad_mask: torch.Tensor | None, fns: dict) -> torch.Tensor:
         xi, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # [B, d_inner, L] each
         if pad_mask is not None:
             pad_mask = pad_mask.bool()

@@ -14,9 +14,13 @@ The backward is a custom autograd Function: it recomputes the states, runs the s
 reverse time for dL/dh, and forms every gradient in closed form. Work proceeds in tiles of (channel
 group x time block) whose [tb, B, g, N] temporaries stay cache-sized; the state is carried from one
 time block to the next, so memory is O(tile + B*Dm*L), never O(B*Dm*L*N).
-On CPU at the paper's width (B=8, D=512) this is ~2-3x the reference, not more: the work is ~8
-elementwise passes per (b, d, t, n) element either way, and the reference's per-step tensors are
-already large. The gain grows where per-step tensors are small (narrow heads, small batches).
+Where each path runs (`selective_scan`, env MUSE_SCAN=torch|numba|mamba_ssm forces one):
+- CPU tensors: the fused numba kernel of `scan_numba.py` (state in locals, checkpointed recompute in
+  the backward): 10-37x this chunked path forward + backward on 2 cores (BENCHMARKS.md), in
+  O(B*Dm*L) memory.
+- CUDA tensors: mamba_ssm's kernel when installed.
+- Anything else (CUDA without mamba_ssm, MPS, XPU...): this chunked torch path, the only one that
+  runs on any torch device; it is kept for that. On CPU it is the fallback when numba cannot import.
 """
 
 from __future__ import annotations
@@ -41,12 +45,16 @@ TILE_ELEMENTS_CUDA = 1 << 26
 MIN_BLOCK = 64  # time steps per tile that a channel group should leave room for
 
 
+_ENV_CHOICES = {"MUSE_SCAN": ("torch", "numba", "mamba_ssm"), "MUSE_CONV": ("torch", "causal_conv1d")}
+
+
 def _env_choice(var: str) -> str | None:
     value = os.environ.get(var, "").strip().lower()
     if value in ("", "auto"):
         return None
-    if value not in ("torch", "mamba_ssm", "causal_conv1d"):
-        raise ValueError(f"{var} must be 'torch' or the kernel package name, got {value!r}")
+    allowed = _ENV_CHOICES.get(var, ("torch", "numba", "mamba_ssm", "causal_conv1d"))
+    if value not in allowed:
+        raise ValueError(f"{var} must be one of {', '.join(allowed)} (or unset), got {value!r}")
     return value
 
 
@@ -56,6 +64,17 @@ def _mamba_kernel():
     except Exception:  # builds only with CUDA; absent or broken both mean "use torch"
         return None
     return selective_scan_fn
+
+
+def _numba_scan():
+    try:  # a dependency; a broken install (e.g. an llvmlite mismatch) falls back to the torch path
+        from muse_pipeline.models.scan_numba import selective_scan_numba
+    except Exception as exc:  # noqa: BLE001
+        if "numba-missing" not in _logged:
+            _logged.add("numba-missing")
+            log.warning("numba selective scan unavailable (%s); using the chunked torch scan", exc)
+        return None
+    return selective_scan_numba
 
 
 def _log_once(choice: str) -> None:
@@ -324,7 +343,8 @@ def selective_scan_torch(
 
 
 def scan_backend(x: torch.Tensor) -> str:
-    """'mamba_ssm' or 'torch' for a tensor on x's device (MUSE_SCAN overrides the automatic choice)."""
+    """'mamba_ssm', 'numba' or 'torch' for a tensor on x's device (MUSE_SCAN overrides the automatic
+    choice: mamba_ssm on CUDA when installed, numba on CPU, the chunked torch path elsewhere)."""
     forced = _env_choice("MUSE_SCAN")
     if forced == "torch":
         return "torch"
@@ -332,7 +352,15 @@ def scan_backend(x: torch.Tensor) -> str:
         if _mamba_kernel() is None or not _on_kernel_device(x):
             raise RuntimeError("MUSE_SCAN=mamba_ssm needs the mamba_ssm package and CUDA tensors")
         return "mamba_ssm"
-    return "mamba_ssm" if _on_kernel_device(x) and _mamba_kernel() is not None else "torch"
+    if forced == "numba":
+        if x.device.type != "cpu" or _numba_scan() is None:
+            raise RuntimeError("MUSE_SCAN=numba needs CPU tensors and an importable numba")
+        return "numba"
+    if _on_kernel_device(x):  # CUDA: the fused kernel, else the chunked torch scan (never numba)
+        return "mamba_ssm" if _mamba_kernel() is not None else "torch"
+    if x.device.type == "cpu" and _numba_scan() is not None:
+        return "numba"
+    return "torch"
 
 
 def _on_kernel_device(x: torch.Tensor) -> bool:
@@ -398,4 +426,7 @@ def selective_scan(
         fn = _mamba_kernel()
         u, delta, A, B, C, D, z, delta_bias = kernel_arguments(u, delta, A, B, C, D, z, delta_bias)  # noqa: N806
         return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    if backend == "numba":
+        _check(u, delta, A, B, C, D, z, delta_bias)
+        return _numba_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
