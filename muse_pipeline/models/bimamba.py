@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from muse_pipeline.models import scan as scan_module
 from muse_pipeline.models.conv import causal_conv1d, causal_conv1d_torch
 from muse_pipeline.models.scan import selective_scan
 from muse_pipeline.models.scan_ref import selective_scan_ref
@@ -97,7 +98,7 @@ class BiMamba(nn.Module):
         if pad_mask is not None and pad_mask.shape != x.shape[:2]:
             raise ValueError(f"pad_mask must be [B, L]={tuple(x.shape[:2])}, got {tuple(pad_mask.shape)}")
         fns = dict(conv_fn=causal_conv1d_torch, scan_fn=selective_scan_ref) if reference else {}
-        if torch.is_grad_enabled() and x.device.type == "cpu" and not reference:
+        if torch.is_grad_enabled() and x.device.type == "cpu" and not reference and not scan_module._on_kernel_device(x):
             # CPU training keeps only x and recomputes the block in the backward, as mamba_ssm's fused
             # CUDA path keeps little more than in_proj's output: the conv / x_proj / dt_proj / scan
             # activations of both directions are ~17 [B, d_inner, L] tensors per block, which made the
