@@ -193,6 +193,37 @@ def test_zero_shot_writes_eval_files(tmp_path: Path) -> None:
     assert retrieval_metrics(t @ v.T, c2v) == result["metrics"]
 
 
+def test_eval_json_keeps_per_query_ranks_and_rsum(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path, n_test=6, n_train=2, captions_per_video=3, seed=5)
+    model = CountingModel()
+    # A text side that differs from the video side: imperfect ranks, so the ranks carry information.
+    w_text = model.w + 1.5 * torch.randn(D, D, generator=torch.Generator().manual_seed(1))
+    model.embed_texts = lambda e: torch.nn.functional.normalize(e.float() @ w_text, dim=-1)
+    result = ev._evaluate(model, cache, "test", False, "cpu", 4, 5)
+    v, t, c2v = ev.embed_split(model, cache, "test")
+    sim = (t @ v.T).numpy()
+    # Brute force, straight from the definitions (not the metrics module).
+    t2v = [1 + int((np.delete(sim[m], c2v[m]) >= sim[m, c2v[m]]).sum()) for m in range(len(c2v))]
+    v2t = []
+    for j in range(sim.shape[1]):
+        own = [m for m in range(len(c2v)) if c2v[m] == j]
+        v2t.append(min(1 + int((np.delete(sim[:, j], m) >= sim[m, j]).sum()) for m in own))
+    pq = result["per_query"]
+    assert pq["t2v"]["rank"] == t2v and pq["v2t"]["rank"] == v2t
+    ids = cache.video_ids
+    test_rows = [i for i, s in enumerate(cache.video_splits) if s == "test"]
+    assert pq["t2v"]["video"] == [ids[test_rows[j]] for j in c2v]
+    assert pq["v2t"]["video"] == [ids[i] for i in test_rows]
+    assert pq["t2v"]["caption"][:3] == ["caption 6", "caption 7", "caption 8"]
+    assert 1 < max(t2v) and min(t2v) == 1  # the test is not vacuous
+    m = result["metrics"]
+    assert result["rsum"] == pytest.approx(sum(m[d][k] for d in ("t2v", "v2t") for k in ("R1", "R5", "R10")))
+    assert m["v2t"]["R1"] == pytest.approx(100 * np.mean(np.array(v2t) <= 1))
+    md = ev.eval_markdown({**result, "head": "h", "run_dir": None, "weights": "w"})
+    assert f"**{result['rsum']:.1f}**" in md and "best (smallest) rank among its own captions" in md
+    assert "text -> video" in md and "video -> text" in md and "per_query" in md
+
+
 def test_evaluate_run_with_fake_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import muse_pipeline.models.checkpoint as checkpoint
 
@@ -232,6 +263,7 @@ def test_print_eval_renders(tmp_path: Path) -> None:
     ev.print_eval(result, console)
     text = console.export_text()
     assert "text -> video" in text and "post-processed" in text and "5.5" in text and "failed" in text
+    assert "RSum 12.0" in text and "best (smallest) rank among its own captions" in text
 
 
 # --------------------------------------------------------------------------------------------------
