@@ -298,14 +298,45 @@ def test_report_writes_pngs(tmp_path: Path) -> None:
     c = _fake_run(tmp_path, "c", "seqTransf", 30.0, with_eval=False)
     steps, epochs = read_metrics_log(a / "metrics.jsonl")
     assert len(steps) == 12 and len(epochs) == 3
-    pngs = write_report([a, b, c], tmp_path / "report")
-    assert [p.name for p in pngs] == ["training.png", "recall.png"]
-    for p in pngs:
-        data = p.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    base = tmp_path / "zs.json"
+    zs = {d: {"R1": 5.0, "R5": 15.0, "R10": 25.0, "MdR": 20.0, "MnR": 30.0} for d in ("t2v", "v2t")}
+    base.write_text(json.dumps({"head": "zero-shot meanP", "metrics": zs}))
+    files = write_report([a, b, c], tmp_path / "report", baseline=base)
+    assert [p.name for p in files] == ["training.png", "training.svg", "recall.png", "recall.svg"]
     from PIL import Image
 
-    assert Image.open(pngs[1]).size[0] > 400
+    for p in files[::2]:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        dpi = Image.open(p).info["dpi"]
+        assert round(dpi[0]) == 200
+    assert Image.open(files[2]).size[0] > 1500  # 200 dpi
+    svg = files[3].read_text()
+    # One legend entry per run (+ the baseline), both directions, the baseline bar's values.
+    for label in ("a (muse)", "b (meanP)", "zero-shot meanP (baseline)", "text -&gt; video", "video -&gt; text"):
+        assert label in svg, label
+    assert svg.count("a (muse)") == 1
+    training = files[1].read_text()
+    assert training.count("a (muse)") == 1 and training.count("c (seqTransf)") == 1
+    assert "best: epoch 2" in training  # R@1 rises every epoch: the last (0-based 2) is best
+    with pytest.raises(ValueError, match="baseline eval file"):
+        write_report([a], tmp_path / "r2", baseline=tmp_path / "none.json")
+
+
+def test_report_computes_the_zero_shot_baseline_from_the_runs_cache(tmp_path: Path) -> None:
+    from muse_pipeline.stages.report import write_report
+
+    cache = make_cache(tmp_path, n_test=4, n_train=1)
+    run = _fake_run(tmp_path, "a", "muse", 40.0)
+    result = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps({**result, "cache": str(cache.path)}))
+    files = write_report([run], tmp_path / "report")
+    svg = files[3].read_text()
+    assert "zero-shot CLIP (meanP, no training)" in svg
+    zs = ev.evaluate_zero_shot(cache.path)["metrics"]["t2v"]["R1"]  # 100.0: texts are their video's CLS
+    assert f"{zs:.1f}" in svg
+    files = write_report([run], tmp_path / "report2", baseline=False)
+    assert "zero-shot" not in files[3].read_text()
 
 
 def test_report_errors(tmp_path: Path) -> None:
@@ -315,7 +346,7 @@ def test_report_errors(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ValueError, match="nothing to plot"):
         write_report([empty], tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(ValueError, match="not a directory"):
         write_report([tmp_path / "missing"], tmp_path / "out")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kind": "step"\n{"kind": "epoch", "epoch": 0}\n')
@@ -344,8 +375,10 @@ def test_cli_eval_zero_shot_and_report(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "--cache" in res.output
     res = runner.invoke(app, ["eval", "--zero-shot", "--cache", str(cache.path), "--split", "val"])
     assert res.exit_code == 1 and "no videos" in res.output
-    res = runner.invoke(app, ["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
-    assert res.exit_code == 1 and "not a directory" in res.output
+    from muse_pipeline.cli.main import app as muse
+
+    res = runner.invoke(muse, ["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0 and "error: not a directory" in res.output
 
 
 def _real_meanp_run(
