@@ -16,7 +16,8 @@ def report_cmd(
         None, help="eval.json of `muse eval --zero-shot` to draw as the baseline bar.",
         show_default="zero-shot CLIP computed on the runs' cache",
     ),
-    no_baseline: bool = typer.Option(False, "--no-baseline", help="Leave the zero-shot baseline bar out."),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="Leave the zero-shot baseline bar out.",
+                                     show_default="off"),
 ) -> None:
     """Plot training loss, validation R@1 per epoch (best epoch starred) and test recall@K in both
     directions beside the zero-shot CLIP baseline."""

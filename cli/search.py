@@ -10,6 +10,7 @@ import typer
 
 from muse_pipeline.cli.common import console, err_console
 from muse_pipeline.errors import InputError
+from muse_pipeline.stages.search import APPROX_THRESHOLD
 
 
 def index_cmd(
@@ -18,9 +19,10 @@ def index_cmd(
         None, help="Feature cache whose videos to index.", show_default="the run's own cache"
     ),
     out: Path = typer.Option(None, help="Index folder to write.", show_default="<run_dir>/index"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index folder.", show_default="off"),
     exact: bool = typer.Option(
-        False, "--exact", help="Always score every video; no approximate (faiss) index, whatever the size."
+        False, "--exact", help="Always score every video; no approximate (faiss) index, whatever the size.",
+        show_default=f"off: approximate from {APPROX_THRESHOLD:,} videos",
     ),
     pretrained: str = typer.Option(
         None, help="CLIP weights file, only if the cache was made from a local file that moved "
@@ -32,8 +34,7 @@ def index_cmd(
 ) -> None:
     """Embed every cached video once; write a self-contained index folder for `muse search` / `muse serve`.
 
-    The folder holds the video embeddings, ids, source paths, clip windows, captions, and the text
-    side (CLIP model and weights, the run's text adapter): it keeps working when moved or copied.
+    The folder holds the video embeddings, ids, source paths, clip windows, captions, and the text side (CLIP model and weights, the run's text adapter): it keeps working when moved or copied.
     """
     from muse_pipeline.stages.search import VideoIndex, build_index
 
@@ -69,11 +70,12 @@ def search_cmd(
     ),
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON lines instead of a table: one object per hit "
-        "(query, rank, id, path, start, end, score, caption; start/end in seconds)."
+        "(query, rank, id, path, start, end, score, caption; start/end in seconds).", show_default="off: a table",
     ),
     html: Path = typer.Option(None, help="Also write a self-contained HTML page with thumbnails.",
                               show_default="no page"),
-    exact: bool = typer.Option(False, "--exact", help="Score every video even if the index is approximate."),
+    exact: bool = typer.Option(False, "--exact", help="Score every video even if the index is approximate.",
+                               show_default="off: the index's own search"),
     pretrained: str = typer.Option(None, help="CLIP weights file to use instead of the one the index names.",
                                    show_default="the index's"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
