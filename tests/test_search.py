@@ -340,3 +340,38 @@ def test_end_to_end_run_is_not_indexed_from_a_cache(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(checkpoint, "load_run", lambda run_dir, which="best": (FakeRun(), config))
     with pytest.raises(UserError, match="end-to-end run"):
         se.build_index(tmp_path, tmp_path / "c.zarr", tmp_path / "i")
+
+
+def test_demo_search_step_reports_own_video_ranks(tmp_path: Path, synthetic_root: Path, encoder) -> None:
+    from rich.console import Console
+
+    from muse_pipeline.data import load_dataset
+    from muse_pipeline.stages.demo import print_searches, search_test_captions
+
+    data = load_dataset("synthetic", synthetic_root)
+    first: dict[int, str] = {}
+    for c in data.captions:
+        first.setdefault(c.video_index, c.text)
+    # Video embeddings: CLIP's text embedding of a caption of ANOTHER video (a known, imperfect index).
+    n = len(data.videos)
+    source = [(i + 1) % n if i % 3 == 0 else i for i in range(n)]
+    emb = encoder.encode_texts(encoder.tokenize([first[j] for j in source], 16)).numpy()
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    index = se.write_index(tmp_path / "idx", emb, ids=[v.id for v in data.videos],
+                           paths=[str(v.path) for v in data.videos], captions=[first[i] for i in range(n)],
+                           clip={"model": "muse-tiny", "weights_id": "random-init"}, words=16)
+    out = search_test_captions(index, synthetic_root, tmp_path / "search.html", n=2)
+    test_rows = sorted({c.video_index for c in data.captions if c.split == "test"})
+    assert out["n_indexed"] == n and out["test_captions"] == len(test_rows) and len(out["searches"]) == 2
+    q = encoder.encode_texts(encoder.tokenize([first[r] for r in test_rows], 16)).numpy()
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    brute = [int(((emb @ q[k]) >= (emb @ q[k])[r]).sum()) for k, r in enumerate(test_rows)]
+    assert out["median_rank"] == float(np.median(brute))
+    assert out["searches"][0]["rank"] == brute[0] and out["searches"][-1]["rank"] == brute[-1]
+    assert out["searches"][0]["video"] == data.videos[test_rows[0]].id
+    page = (tmp_path / "search.html").read_text()
+    assert "real CLIP weights" in page and f"ranks {brute[0]} of {n}" in page
+    console = Console(record=True, width=200)
+    print_searches(out, console)
+    text = console.export_text()
+    assert f"{brute[0]} of {n}" in text and "real CLIP weights" in text and "median rank" in text
