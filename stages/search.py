@@ -183,6 +183,16 @@ def exact_topk(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray
     return best_s, best_i
 
 
+def exact_topk_fast(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Same answer as `exact_topk` (up to the order of exactly tied scores) from faiss's brute-force
+    kNN (BLAS blocks + a heap per query; ~6x faster than the numpy blocks for 100 queries at 100k)."""
+    faiss = _import_faiss()
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    e = emb if emb.dtype == np.float32 and emb.flags["C_CONTIGUOUS"] else np.ascontiguousarray(emb, np.float32)
+    scores, rows = faiss.knn(q, e, min(k, len(e)), metric=faiss.METRIC_INNER_PRODUCT)
+    return scores, rows.astype(np.int64)
+
+
 def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     """Mean fraction of the exact top-k rows that the approximate top-k also returned."""
     k = exact_rows.shape[1]
@@ -193,7 +203,7 @@ def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
 def tune_ann(index, kind: str, emb: np.ndarray, queries: np.ndarray, k: int = 10,
              target: float = TARGET_RECALL) -> dict[str, Any]:
     """Smallest search parameter (efSearch or nprobe, doubling) whose recall@k against exact >= target."""
-    _, truth = exact_topk(emb, queries, k)
+    _, truth = exact_topk_fast(emb, queries, k)
     name = "efSearch" if kind == "hnsw" else "nprobe"
     limit = 4096 if kind == "hnsw" else int(index.nlist)
     value = 16 if kind == "hnsw" else 1
@@ -557,7 +567,7 @@ class VideoIndex:
         """(scores [Q, k'], rows [Q, k']) with k' = min(k, N), best first; queries [Q, D] unit rows."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if exact or self.kind == "exact":
-            return exact_topk(self.embeddings, q, k)
+            return exact_topk_fast(self.embeddings, q, k)
         scores, rows = self._ann_index().search(q, min(k, len(self)))
         return scores, rows.astype(np.int64)
 

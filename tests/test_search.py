@@ -191,6 +191,12 @@ def test_exact_topk_equals_brute_force() -> None:
     finally:
         se._EXACT_BLOCK_ROWS = old
     assert rows[0][:2].tolist() == [10, 20]
+    # The fast path (faiss brute force) gives the same rows and scores; a tie may come in either order.
+    fast_s, fast_r = se.exact_topk_fast(emb, q, 12)
+    ref_s, ref_r = se.exact_topk(emb, q, 12)
+    np.testing.assert_allclose(fast_s, ref_s, rtol=1e-5)
+    assert fast_r[1:].tolist() == ref_r[1:].tolist() and set(fast_r[0][:2]) == {10, 20}
+    assert fast_r[0][2:].tolist() == ref_r[0][2:].tolist()
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf-flat"])
