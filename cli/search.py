@@ -105,7 +105,8 @@ def search_cmd(
             for col in ("#", "score", "id", "window (s)", "caption", "file"):
                 table.add_column(col, justify="right" if col in ("#", "score") else "left")
             for hit in hits:
-                window = f"{hit['start']:g}-" + ("" if hit["end"] is None else f"{hit['end']:g}")
+                window = "whole" if not hit["start"] and hit["end"] is None else \
+                    f"{hit['start']:g}-" + ("end" if hit["end"] is None else f"{hit['end']:g}")
                 table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", hit["id"], window,
                               hit["caption"] or "", hit["path"])
             console.print(table)

@@ -36,6 +36,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -592,7 +593,15 @@ class QueryEncoder:
         source = _clip_source(clip, index.path, pretrained)
         from muse_pipeline.encoders.clip import ClipEncoder
 
-        self.encoder = ClipEncoder(clip["model"], pretrained=source, device=device)
+        if source is None:  # open_clip warns "initialized randomly" on the root logger; we say it ourselves
+            previous = logging.root.manager.disable
+            logging.disable(logging.WARNING)
+            try:
+                self.encoder = ClipEncoder(clip["model"], pretrained=None, device=device)
+            finally:
+                logging.disable(previous)
+        else:
+            self.encoder = ClipEncoder(clip["model"], pretrained=source, device=device)
         if self.encoder.weights_id != clip["weights_id"]:
             raise IndexFormatError(f"CLIP weights {self.encoder.weights_id!r} differ from the index's "
                               f"{clip['weights_id']!r}; rebuild the index or pass the right --pretrained")
@@ -685,9 +694,9 @@ def clear_searchers() -> None:
 
 
 RANDOM_INIT_NOTE = (
-    "This index was built with a randomly initialised CLIP (no weights could be downloaded): words do "
-    "not mean colours or shapes to it, so these results show the machinery, not real search. Real "
-    "search needs real CLIP weights (muse extract --pretrained openai or a weights file)."
+    "This index was built with a randomly initialised CLIP (no pretrained weights): words do not mean "
+    "colours or shapes to it, so these results show the machinery, not real search. Real search needs "
+    "real CLIP weights (muse extract --pretrained openai, or a weights file)."
 )
 
 

@@ -270,3 +270,20 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
     # The green of the playing video (or its thumbnails) is on screen.
     green = (img[:, :, 1] > 150) & (img[:, :, 0] < 100) & (img[:, :, 2] < 100)
     assert green.sum() > 500
+
+
+def test_serve_command_binds_loopback_by_default(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from muse_pipeline.cli.main import app
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: calls.append((app_, kw)))
+    index = served[1].index.path
+    result = CliRunner().invoke(app, ["serve", "--index", str(index)])
+    assert result.exit_code == 0, result.output
+    assert calls[0][1]["host"] == "127.0.0.1" and calls[0][1]["port"] == 8080
+    assert "http://127.0.0.1:8080/" in result.output and "real CLIP weights" in result.output
+    result = CliRunner().invoke(app, ["serve", "--index", str(index), "--port", "0"])
+    assert result.exit_code != 0 and "--port" in result.output and len(calls) == 1
