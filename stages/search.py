@@ -227,7 +227,7 @@ def _is_sha256(value: str) -> bool:
 
 def _clip_record(fp: dict[str, Any], pretrained: str | None) -> dict[str, Any]:
     """How to rebuild the cache's CLIP text tower: model, weights id and an open_clip tag or an
-    absolute weights file (with its size and mtime, so a later open can skip re-hashing it)."""
+    absolute weights file (with its size and mtime, to tell a changed file before hashing it)."""
     weights = str(fp["weights"])
     record: dict[str, Any] = {"model": str(fp["model"]), "weights_id": weights}
     if weights == RANDOM_INIT:
@@ -631,7 +631,10 @@ def _clip_source(clip: dict[str, Any], index_path: Path, override: str | None) -
     if not path.is_file():
         raise InputError(f"CLIP weights file {path} (named by index {index_path}) does not exist; "
                          "put it back or pass it with --pretrained FILE")
-    return str(path)
+    if path.stat().st_size != record.get("size", path.stat().st_size):
+        raise InputError(f"CLIP weights file {path} changed since index {index_path} was built (its size "
+                         "differs); rebuild the index or pass the original file with --pretrained FILE")
+    return str(path)  # ClipEncoder checks its sha256 against the index's weights id
 
 
 def check_query(text: str) -> str:
