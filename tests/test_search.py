@@ -381,3 +381,28 @@ def test_demo_search_step_reports_own_video_ranks(tmp_path: Path, synthetic_root
     print_searches(out, console)
     text = console.export_text()
     assert f"{brute[0]} of {n}" in text and "real CLIP weights" in text and "median rank" in text
+
+
+def test_local_clip_weights_file_recorded_moved_and_overridden(tmp_path: Path, encoder) -> None:
+    from muse_pipeline.encoders.clip import file_sha256
+
+    weights = tmp_path / "clip" / "tiny.pt"
+    weights.parent.mkdir()
+    state = {k: v + 0.01 for k, v in encoder.model.state_dict().items()}  # not the random init
+    torch.save(state, weights)
+    sha = file_sha256(weights)
+    clip = se._clip_record({"model": "muse-tiny", "weights": sha, "pretrained": str(weights)}, None)
+    emb = np.eye(3, TINY_D, dtype=np.float32)
+    index = se.write_index(tmp_path / "idx", emb, ids=["a", "b", "c"], paths=["/a", "/b", "/c"], clip=clip, words=16)
+    searcher = se.Searcher(index)
+    assert searcher.encoder.encoder.weights_id == sha and not searcher.index.random_init
+    want = searcher.encoder.encode(["a red circle"])
+    moved = tmp_path / "elsewhere.pt"
+    weights.rename(moved)
+    with pytest.raises(InputError, match=re.escape(str(weights))):
+        se.Searcher(index)
+    # The file at its new place, named on the command line, gives the same query embedding.
+    np.testing.assert_allclose(se.Searcher(index, pretrained=str(moved)).encoder.encode(["a red circle"]), want)
+    torch.save({k: v + 0.02 for k, v in encoder.model.state_dict().items()}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="differ"):
+        se.Searcher(index, pretrained=str(tmp_path / "other.pt"))
