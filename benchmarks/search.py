@@ -62,13 +62,14 @@ def expand(src: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def numpy_baseline(emb: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
-    """Plain numpy: E @ q (one query [D] or a batch [Q, D]) and argpartition for the top k."""
-    scores = emb @ q.T
-    if scores.ndim == 1:
+    """Plain numpy: scores = E @ q (a batch as q @ E.T, [Q, N] row-major) and argpartition for the top k."""
+    if q.ndim == 1:
+        scores = emb @ q
         top = np.argpartition(-scores, k)[:k]
         return top[np.argsort(-scores[top])]
-    top = np.argpartition(-scores, k, axis=0)[:k].T
-    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores.T, top, 1), axis=1), 1)
+    scores = q @ emb.T
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
 
 
 def baseline_times(emb: np.ndarray, queries: np.ndarray) -> tuple[float, float]:
