@@ -197,6 +197,11 @@ def test_exact_topk_equals_brute_force() -> None:
     np.testing.assert_allclose(fast_s, ref_s, rtol=1e-5)
     assert fast_r[1:].tolist() == ref_r[1:].tolist() and set(fast_r[0][:2]) == {10, 20}
     assert fast_r[0][2:].tolist() == ref_r[0][2:].tolist()
+    for i in range(len(q)):  # the one-query path: the same rows, ties included
+        one_s, one_r = se.exact_topk_single(emb, q[i], 12)
+        assert one_r[0].tolist() == ref_r[i].tolist()
+        np.testing.assert_allclose(one_s[0], ref_s[i], rtol=1e-5)
+    assert se.exact_topk_single(emb[:5], q[0], 12)[1].shape == (1, 5)
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf-flat"])
