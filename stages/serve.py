@@ -247,7 +247,7 @@ form { display: flex; gap: 0.6em; align-items: center; margin: 1em 0; }
 .hit img { max-width: 100%; height: auto; display: block; border-radius: 3px; background: #eee; min-height: 40px; }
 .meta { margin-top: 0.3em; } .score { font-weight: bold; } .id { font-family: monospace; }
 .caption { color: #444; font-style: italic; } .err { color: #a00; }
-#player { margin-bottom: 1em; } #video { max-width: 640px; width: 100%; background: black; }
+#player { margin-bottom: 1em; } #video { max-width: 480px; max-height: 320px; width: 100%; background: black; }
 """
 
 # Every value from the server goes in through textContent or a URL attribute built by the server
