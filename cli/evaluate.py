@@ -13,22 +13,27 @@ def eval_cmd(
     run_dir: Path = typer.Argument(None, help="Run directory of `muse train` (omit with --zero-shot)."),
     split: str = typer.Option("test", help="Split of the cache to evaluate (model selection used val)."),
     dsl: bool = typer.Option(
-        False, "--dsl", help="Also report dual-softmax post-processed numbers (labelled as such)."
+        False, "--dsl", help="Also report dual-softmax post-processed numbers (labelled as such).",
+        show_default="off",
     ),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     which: str = typer.Option("best", help="Weights to evaluate: best (validation) or last."),
     cache: Path = typer.Option(
-        None, help="Cache to evaluate on (default: the run's cache; required with --zero-shot)."
+        None, help="Feature cache to evaluate on (required with --zero-shot).",
+        show_default="the run's own cache",
     ),
     zero_shot: bool = typer.Option(
-        False, "--zero-shot", help="Parameter-free CLIP meanP on the cache: no run needed."
+        False, "--zero-shot", help="Parameter-free CLIP meanP on the cache: no run needed.", show_default="off"
     ),
-    out: Path = typer.Option(None, help="With --zero-shot: folder for eval.json / eval.md."),
-    batch_size: int = typer.Option(64, help="Videos / texts per forward pass."),
+    out: Path = typer.Option(
+        None, help="Folder for eval.json / eval.md (with --zero-shot; a run writes into its own folder).",
+        show_default="the run directory; none with --zero-shot",
+    ),
+    batch_size: int = typer.Option(64, help="Videos / texts per forward pass (count)."),
 ) -> None:
-    """Embed every video and text of the split once, then score R@1/5/10, MdR, MnR both ways.
+    """Embed every video and text of the split once, then score R@1/5/10, MdR, MnR and RSum both ways.
 
-    Writes eval.json and eval.md into the run directory (eval-<split>.* for a split other than test).
+    Writes eval.json (with per-query ranks) and eval.md into the run directory (eval-<split>.* for a split other than test).
     """
     from muse_pipeline.stages.evaluate import evaluate_run, evaluate_zero_shot, print_eval
 

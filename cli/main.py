@@ -10,7 +10,7 @@ from muse_pipeline.cli.evaluate import eval_cmd
 from muse_pipeline.cli.extract import extract_cmd
 from muse_pipeline.cli.pipeline import demo_cmd, reproduce_cmd
 from muse_pipeline.cli.report import report_cmd
-from muse_pipeline.cli.search import index_cmd, search_cmd
+from muse_pipeline.cli.search import index_cmd, search_cmd, serve_cmd
 from muse_pipeline.cli.train import train_cmd
 
 app = typer.Typer(
@@ -34,6 +34,7 @@ app.command("train")(train_cmd)
 app.command("eval")(eval_cmd)
 app.command("index")(index_cmd)
 app.command("search")(search_cmd)
+app.command("serve")(serve_cmd)
 app.command("report")(report_cmd)
 app.command("demo")(demo_cmd)
 app.command("reproduce")(reproduce_cmd)

@@ -10,12 +10,23 @@ from muse_pipeline.cli.common import fail, setup_logging
 
 
 def demo_cmd(
-    root: Path = typer.Option(Path("demo"), help="Folder for the demo's data, cache, runs, report and index."),
-    videos: int = typer.Option(192, help="Synthetic videos to generate (half train, a quarter val, a quarter test)."),
-    epochs: int = typer.Option(None, help="Training epochs per head (default: the synthetic preset)."),
-    workers: int = typer.Option(None, help="Extraction workers (default: sized to the machine; 0: no dask)."),
-    fresh: bool = typer.Option(False, help="Delete an earlier demo folder and start over."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    out: Path = typer.Option(
+        Path("demo"), "--out", "--root",
+        help="Folder the demo writes: its data, cache, runs, report, index and search page.",
+    ),
+    videos: int = typer.Option(
+        192, help="Synthetic videos to generate (count; half train, a quarter val, a quarter test)."
+    ),
+    epochs: int = typer.Option(
+        None, help="Training epochs per head (count).", show_default="the synthetic preset"
+    ),
+    workers: int = typer.Option(
+        None, help="Extraction worker processes (count; 0: no dask).", show_default="sized to the machine"
+    ),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete an earlier demo folder and start over.",
+                               show_default="off: reuse what an earlier run finished"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors (no progress, no tables).",
+                               show_default="off"),
 ) -> None:
     """Run the whole pipeline on the built-in synthetic dataset with the tiny CLIP (a few minutes on 2 CPUs).
 
@@ -24,7 +35,7 @@ def demo_cmd(
     from muse_pipeline.stages.demo import DemoConfig, run_demo
 
     setup_logging(quiet)
-    run_demo(DemoConfig(root=root, n_videos=videos, epochs=epochs, workers=workers, fresh=fresh, quiet=quiet))
+    run_demo(DemoConfig(root=out, n_videos=videos, epochs=epochs, workers=workers, fresh=fresh, quiet=quiet))
 
 
 def reproduce_cmd(

@@ -1,63 +1,143 @@
-"""`muse index` and `muse search`: text-to-video search over cached videos with a trained run."""
+"""`muse index`, `muse search` and `muse serve`: text-to-video search over indexed videos."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import typer
 
-from muse_pipeline.cli.common import console, fail
+from muse_pipeline.cli.common import console, err_console
+from muse_pipeline.errors import InputError
+from muse_pipeline.stages.search import APPROX_THRESHOLD
 
 
 def index_cmd(
-    run_dir: Path = typer.Argument(..., help="Run directory of `muse train`."),
-    cache: Path = typer.Option(None, help="Cache whose videos to index (default: the run's own cache)."),
-    out: Path = typer.Option(None, help="Index store (default: <run_dir>/index.zarr)."),
-    pretrained: str = typer.Option(
-        None, help="CLIP weights file, only if the cache was made from a local file (its sha256 is checked)."
+    run_dir: Path = typer.Argument(..., help="Run directory of `muse train` (its text side goes into the index)."),
+    cache: Path = typer.Option(
+        None, help="Feature cache whose videos to index.", show_default="the run's own cache"
     ),
-    which: str = typer.Option("best", help="Weights: best or last."),
+    out: Path = typer.Option(None, help="Index folder to write.", show_default="<run_dir>/index"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index folder.", show_default="off"),
+    exact: bool = typer.Option(
+        False, "--exact", help="Always score every video; no approximate (faiss) index, whatever the size.",
+        show_default=f"off: approximate from {APPROX_THRESHOLD:,} videos",
+    ),
+    pretrained: str = typer.Option(
+        None, help="CLIP weights file, only if the cache was made from a local file that moved "
+        "(its sha256 is checked).", show_default="the file or tag named by the cache",
+    ),
+    which: str = typer.Option("best", help="Run weights: best (validation) or last."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
-    batch_size: int = typer.Option(64, help="Videos per forward pass."),
+    batch_size: int = typer.Option(64, help="Videos per forward pass (count)."),
 ) -> None:
-    """Embed every cached video once and store the embeddings for `muse search`."""
-    from muse_pipeline.stages.search import build_index
+    """Embed every cached video once; write a self-contained index folder for `muse search` / `muse serve`.
 
-    try:
-        path = build_index(
-            run_dir, cache, out, pretrained=pretrained, which=which, batch_size=batch_size, device=device
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-    import zarr
+    The folder holds the video embeddings, ids, source paths, clip windows, captions, and the text side (CLIP model and weights, the run's text adapter): it keeps working when moved or copied.
+    """
+    from muse_pipeline.stages.search import VideoIndex, build_index
 
-    n = zarr.open_group(str(path), mode="r").attrs["n_videos"]
-    console.print(f"indexed {n} videos -> {path}")
+    path = build_index(run_dir, cache, out, pretrained=pretrained, which=which, batch_size=batch_size,
+                       device=device, exact=exact, overwrite=overwrite)
+    index = VideoIndex(path)
+    search = index.meta["search"]
+    params = ", ".join(f"{k} {v}" for k, v in search["params"].items())
+    console.print(f"indexed {len(index)} videos -> {path} (search: {search['kind']}"
+                  + (f"; {params}" if params else "") + ")")
+
+
+def _read_queries(path: Path) -> list[str]:
+    if str(path) == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        if not path.is_file():
+            raise InputError(f"queries file {path} does not exist")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    queries = [line.strip() for line in lines if line.strip()]
+    if not queries:
+        raise InputError(f"queries file {path} has no non-empty line")
+    return queries
 
 
 def search_cmd(
-    query: str = typer.Argument(..., help="What to look for, in words."),
-    index: Path = typer.Option(..., help="Index store written by `muse index`."),
-    top_k: int = typer.Option(5, "--top-k", "-k", help="Number of results."),
-    html: Path = typer.Option(None, help="Also write a self-contained HTML page with thumbnails."),
+    query: str = typer.Argument(None, help="What to look for, in words (or give --queries FILE)."),
+    index: Path = typer.Option(..., help="Index folder written by `muse index`."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="Hits per query (count)."),
+    queries: Path = typer.Option(
+        None, help="File with one query per line ('-': standard input); embedded in batches.",
+        show_default="only QUERY",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON lines instead of a table: one object per hit "
+        "(query, rank, id, path, start, end, score, caption; start/end in seconds).", show_default="off: a table",
+    ),
+    html: Path = typer.Option(None, help="Also write a self-contained HTML page with thumbnails.",
+                              show_default="no page"),
+    exact: bool = typer.Option(False, "--exact", help="Score every video even if the index is approximate.",
+                               show_default="off: the index's own search"),
+    pretrained: str = typer.Option(None, help="CLIP weights file to use instead of the one the index names.",
+                                   show_default="the index's"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
 ) -> None:
-    """Rank the indexed videos against a text query (cosine similarity of trained embeddings)."""
+    """Rank the indexed videos against text queries (cosine similarity of trained embeddings)."""
     from rich.table import Table
 
-    from muse_pipeline.stages.search import search, write_html
+    from muse_pipeline.stages.search import RANDOM_INIT_NOTE, Searcher, write_html
 
-    try:
-        hits = search(query, index, top_k=top_k, device=device)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-    table = Table(title=f"top {len(hits)} for {query!r}", title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("id")
-    table.add_column("file")
-    for hit in hits:
-        table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", hit["id"], hit["path"])
-    console.print(table)
+    if query is None and queries is None:
+        raise InputError("give a QUERY or --queries FILE")
+    texts = ([query] if query is not None else []) + (_read_queries(queries) if queries is not None else [])
+    if top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {top_k}")
+    searcher = Searcher(index, device=device, pretrained=pretrained)
+    results = searcher.search(texts, top_k, exact=exact)
+    if searcher.index.random_init:
+        err_console.print(f"[yellow]note:[/] {RANDOM_INIT_NOTE}", soft_wrap=True, highlight=False)
+    if as_json:
+        out = sys.stdout
+        for text, hits in zip(texts, results, strict=True):
+            for hit in hits:
+                out.write(json.dumps({"query": text, **hit}, ensure_ascii=False) + "\n")
+    else:
+        for text, hits in zip(texts, results, strict=True):
+            table = Table(title=f"top {len(hits)} for {text!r}", title_justify="left")
+            for col in ("#", "score", "id", "window (s)", "caption", "file"):
+                table.add_column(col, justify="right" if col in ("#", "score") else "left")
+            for hit in hits:
+                window = "whole" if not hit["start"] and hit["end"] is None else \
+                    f"{hit['start']:g}-" + ("end" if hit["end"] is None else f"{hit['end']:g}")
+                table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", hit["id"], window,
+                              hit["caption"] or "", hit["path"])
+            console.print(table)
     if html is not None:
-        console.print(f"wrote {write_html(hits, html, query=query)}")
+        note = RANDOM_INIT_NOTE if searcher.index.random_init else None
+        page = write_html(results[0], html, query=texts[0], note=note)
+        (err_console if as_json else console).print(f"wrote {page}")
+
+
+def serve_cmd(
+    index: Path = typer.Option(..., help="Index folder written by `muse index`."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; the default answers this machine only."),
+    port: int = typer.Option(8080, help="TCP port."),
+    pretrained: str = typer.Option(None, help="CLIP weights file to use instead of the one the index names.",
+                                   show_default="the index's"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+) -> None:
+    """Serve a search page and a JSON API over an index (loads the index and CLIP once)."""
+    from muse_pipeline.stages.search import RANDOM_INIT_NOTE
+    from muse_pipeline.stages.serve import serve
+
+    if not 0 < port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {port}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]note:[/] binding {host}: other machines can query this index and "
+                          "download its videos", soft_wrap=True)
+
+    def ready(searcher) -> None:
+        console.print(f"serving {len(searcher.index)} videos of {searcher.index.path} at "
+                      f"http://{host}:{port}/ (Ctrl-C stops)", soft_wrap=True)
+        if searcher.index.random_init:
+            err_console.print(f"[yellow]note:[/] {RANDOM_INIT_NOTE}", soft_wrap=True, highlight=False)
+
+    serve(str(index), host=host, port=port, device=device, pretrained=pretrained, on_ready=ready)

@@ -170,3 +170,8 @@ def retrieval_metrics_dsl(
             v2t_ranks(dual_softmax(sim, temperature, dim=1), caption_to_video, chunk_rows)
         ),
     }
+
+
+def rsum(metrics: dict[str, dict[str, float]]) -> float:
+    """RSum: R@1 + R@5 + R@10 of text -> video plus the same of video -> text (percent points, max 600)."""
+    return float(sum(metrics[d][f"R{k}"] for d in ("t2v", "v2t") for k in RECALL_KS))

@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-DEMO_QUERY = "a red circle moves from left to right"
+DEMO_SEARCHES = 5  # test captions searched for in the demo's search step
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,11 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     from muse_pipeline.data.synthetic import generate_synthetic
+    from muse_pipeline.metrics import rsum
     from muse_pipeline.stages.evaluate import evaluate_run, evaluate_zero_shot
     from muse_pipeline.stages.extract import ExtractConfig, run_extract
     from muse_pipeline.stages.report import write_report
-    from muse_pipeline.stages.search import build_index, search, write_html
+    from muse_pipeline.stages.search import build_index
     from muse_pipeline.stages.train import run_train
 
     console = console or Console()
@@ -68,7 +70,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     t = lap("extract", t)
 
     say("[bold]3/6 zero-shot meanP[/] (CLIP alone, no training)")
-    results = {"zero-shot meanP": evaluate_zero_shot(cache, split="test")}
+    results = {"zero-shot meanP": evaluate_zero_shot(cache, split="test", out_dir=cfg.root / "zero-shot")}
     t = lap("zero-shot", t)
 
     runs: dict[str, Path] = {}
@@ -87,53 +89,103 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         t = lap(f"train+eval {head}", t)
 
     say("[bold]5/6 report[/]")
-    pngs = write_report(list(runs.values()), cfg.root / "report")
+    pngs = write_report(list(runs.values()), cfg.root / "report", baseline=cfg.root / "zero-shot" / "eval.json")
     t = lap("report", t)
 
-    say(f"[bold]6/6 search[/] over the cached videos with the trained muse head: {DEMO_QUERY!r}")
     search_head = "muse" if "muse" in runs else next(iter(runs))
-    index_path = build_index(runs[search_head], cache, cfg.root / "index.zarr")
-    hits = search(DEMO_QUERY, index_path, top_k=5)
-    html = write_html(hits, cfg.root / "search.html", query=DEMO_QUERY)
+    say(f"[bold]6/6 search[/]: index every cached video with the trained {search_head} head, search for test captions")
+    index_path = build_index(runs[search_head], cache, cfg.root / "index", overwrite=True)
+    searched = search_test_captions(index_path, data_root, cfg.root / "search.html")
     lap("search", t)
 
-    table = Table(title=f"text -> video on the synthetic test split ({cfg.model}, random-init CLIP)",
-                  title_justify="left")
-    for col in ("system", "R@1", "R@5", "R@10", "MdR", "MnR"):
+    table = Table(title=f"retrieval on the synthetic test split ({cfg.model}, random-init CLIP)",
+                  title_justify="left", caption="RSum = R@1 + R@5 + R@10 of both directions")
+    for col in ("system", "t2v R@1", "R@5", "R@10", "MdR", "v2t R@1", "R@5 ", "R@10 ", "RSum"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for name, result in results.items():
-        m = result["metrics"]["t2v"]
+        t2v, v2t = result["metrics"]["t2v"], result["metrics"]["v2t"]
         if name in ("muse", "muse-transformer") and cfg.muse_overrides:
             name += " (" + ", ".join(f"{k} {v}" for k, v in cfg.muse_overrides) + ")"
-        table.add_row(name, *(f"{m[k]:.1f}" for k in ("R1", "R5", "R10", "MdR", "MnR")))
+        table.add_row(name, *(f"{t2v[k]:.1f}" for k in ("R1", "R5", "R10", "MdR")),
+                      *(f"{v2t[k]:.1f}" for k in ("R1", "R5", "R10")), f"{rsum(result['metrics']):.1f}")
     n_test = results["zero-shot meanP"]["counts"]["videos"]
-    hits_table = Table(title=f"search: {DEMO_QUERY!r}", title_justify="left")
-    for col in ("rank", "video", "score", "caption"):
-        hits_table.add_column(col)
-    captions = _captions_by_video(data_root)
-    for rank, hit in enumerate(hits, 1):
-        hits_table.add_row(str(rank), hit["id"], f"{hit['score']:.3f}", captions.get(hit["id"], ""))
     if not cfg.quiet:
         console.print(table)
         console.print(f"chance R@1 = {100 / max(n_test, 1):.1f}% ({n_test} test videos)")
-        console.print(hits_table)
+        print_searches(searched, console)
         console.print(f"report plots: {', '.join(str(p) for p in pngs)}")
-        console.print(f"search page: {html}")
+        console.print(f"search page: {searched['html']}")
         console.print(f"try: muse search \"a blue square moves up\" --index {index_path} --top-k 5 "
-                      f"--html {cfg.root / 'my-search.html'}")
+                      f"--html {cfg.root / 'my-search.html'}   or   muse serve --index {index_path}")
         console.print(f"total {sum(timings.values()):.0f} s: " +
                       ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     out = {"results": results, "runs": {k: str(v) for k, v in runs.items()}, "report": [str(p) for p in pngs],
-           "search": {"query": DEMO_QUERY, "hits": hits, "html": str(html)}, "seconds": timings}
+           "search": searched, "seconds": timings}
     (cfg.root / "demo.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
 
-def _captions_by_video(data_root: Path) -> dict[str, str]:
+def _test_captions(data_root: Path, n: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """((video id, caption) of n test videos spread over the test split, the same of every test video);
+    each video with its first caption."""
     from muse_pipeline.data import load_dataset
 
     index = load_dataset("synthetic", data_root)
-    captions: dict[str, str] = {}
+    first: dict[int, str] = {}
     for caption in index.captions:
-        captions.setdefault(index.videos[caption.video_index].id, caption.text)
-    return captions
+        if caption.split == "test":
+            first.setdefault(caption.video_index, caption.text)
+    rows = sorted(first)
+    pick = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, min(n, len(rows)))] if rows else []
+    return [(index.videos[r].id, first[r]) for r in pick], [(index.videos[r].id, first[r]) for r in rows]
+
+
+def search_test_captions(index_path: Path, data_root: Path, html_path: Path, n: int = DEMO_SEARCHES) -> dict:
+    """Search for test captions and report where each caption's own video ranks among all indexed videos.
+
+    With a randomly initialised CLIP, words carry no meaning of their own: what the trained head
+    learned is a mapping of this CLIP's text embeddings of the synthetic captions; ranks say how well.
+    """
+    from muse_pipeline.stages.search import RANDOM_INIT_NOTE, Searcher, write_html
+
+    searcher = Searcher(index_path)
+    shown, every = _test_captions(data_root, n)
+    n_indexed = len(searcher.index)
+    searches = []
+    for video_id, caption in shown:
+        hits = searcher.search([caption], top_k=3)[0]
+        searches.append({"query": caption, "video": video_id, "rank": searcher.rank_of(caption, video_id),
+                         "hits": hits})
+    # Every test caption at once: the distribution of its own video's rank.
+    q = searcher.encoder.encode([c for _, c in every])
+    scores = q @ np.asarray(searcher.index.embeddings).T
+    own = np.array([searcher.index.row_of(v) for v, _ in every])
+    ranks = (scores >= scores[np.arange(len(own)), own][:, None]).sum(1)
+    note = RANDOM_INIT_NOTE if searcher.index.random_init else None
+    first = searches[0]
+    html = write_html(first["hits"], html_path, query=first["query"], note=note, extra_rows=[
+        f"The video this caption describes ({first['video']}) ranks {first['rank']} of {n_indexed} indexed videos.",
+        f"Over all {len(every)} test captions, the own video's median rank is {np.median(ranks):g} of "
+        f"{n_indexed} (chance: {(n_indexed + 1) / 2:g}); top 10 for {100 * np.mean(ranks <= 10):.0f}% of them.",
+    ])
+    return {"index": str(index_path), "n_indexed": n_indexed, "searches": searches, "html": str(html),
+            "test_captions": len(every), "median_rank": float(np.median(ranks)),
+            "top10_percent": float(100 * np.mean(ranks <= 10)), "random_init": searcher.index.random_init,
+            "note": note}
+
+
+def print_searches(searched: dict, console: Console) -> None:
+    n = searched["n_indexed"]
+    table = Table(title=f"search for test captions among {n} indexed videos (the caption's own video: its rank)",
+                  title_justify="left")
+    for col in ("query (a test caption)", "own video", "rank", "top 3 hits (id: its caption)"):
+        table.add_column(col, justify="right" if col == "rank" else "left")
+    for s in searched["searches"]:
+        top = "\n".join(f"{h['id']}: {h['caption'] or ''}" for h in s["hits"])
+        table.add_row(s["query"], s["video"], f"{s['rank']} of {n}", top)
+    console.print(table)
+    console.print(f"over all {searched['test_captions']} test captions: own video median rank "
+                  f"{searched['median_rank']:g} of {n} (chance {(n + 1) / 2:g}), in the top 10 for "
+                  f"{searched['top10_percent']:.0f}%")
+    if searched["note"]:
+        console.print(f"[yellow]note:[/] {searched['note']}", soft_wrap=True, highlight=False)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from muse_pipeline.metrics import retrieval_metrics, retrieval_metrics_dsl
+from muse_pipeline.metrics import retrieval_metrics_dsl, rsum, summarize_ranks, t2v_ranks, v2t_ranks
 
 DSL_TEMPERATURE = 0.01
 # Fingerprint keys that must agree between the cache a run was trained on and the cache it is
@@ -179,17 +179,51 @@ def check_compatible(train_fp: dict, cache_fp: dict, cache_path: Path) -> None:
         raise ValueError(f"cache {cache_path} was not made with the run's CLIP model ({details})")
 
 
+T2V_RULE = ("text -> video: each caption ranks all test videos by similarity; the rank of its own video "
+            "counts (ties count against the query)")
+V2T_RULE = ("video -> text: each video ranks all test captions by similarity; its rank is the best "
+            "(smallest) rank among its own captions, so a video with 20 captions needs only one near the "
+            "top (ties count against the query)")
+
+
 def _score(
-    video_emb: torch.Tensor, text_emb: torch.Tensor, caption_to_video: np.ndarray, dsl: bool, chunk: int
+    video_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    caption_to_video: np.ndarray,
+    dsl: bool,
+    chunk: int,
+    names: tuple[list[str], list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Metrics (and DSL metrics if asked) of one similarity matrix, with timings."""
+    """Metrics (and DSL metrics if asked) of one similarity matrix, with per-query ranks and timings.
+
+    names: (video ids [N], caption texts [M]) for the per-query ranks kept in eval.json.
+    """
     t0 = time.perf_counter()
     sim = similarity_chunked(text_emb, video_emb, chunk)
     t1 = time.perf_counter()
-    out: dict[str, Any] = {"metrics": retrieval_metrics(sim, caption_to_video), "post_processing": None}
+    c2v = np.asarray(caption_to_video, dtype=np.int64)
+    t2v = t2v_ranks(sim, c2v)
+    v2t = v2t_ranks(sim, c2v)
+    metrics = {"t2v": summarize_ranks(t2v), "v2t": summarize_ranks(v2t)}
+    out: dict[str, Any] = {"metrics": metrics, "rsum": round(rsum(metrics), 4), "post_processing": None}
     if dsl:
         out["post_processing"] = f"dual softmax (DSL), temperature {DSL_TEMPERATURE}"
         out["metrics_dsl"] = retrieval_metrics_dsl(sim, caption_to_video, DSL_TEMPERATURE)
+        out["rsum_dsl"] = round(rsum(out["metrics_dsl"]), 4)
+    video_ids, captions = names if names is not None else (None, None)
+    with_caption = np.unique(c2v)  # v2t ranks come in this (column) order
+    out["rules"] = {"t2v": T2V_RULE, "v2t": V2T_RULE}
+    out["per_query"] = {
+        "t2v": {
+            "rank": t2v.tolist(),
+            "video": [video_ids[i] for i in c2v] if video_ids is not None else c2v.tolist(),
+            **({"caption": list(captions)} if captions is not None else {}),
+        },
+        "v2t": {
+            "rank": v2t.tolist(),
+            "video": [video_ids[i] for i in with_caption] if video_ids is not None else with_caption.tolist(),
+        },
+    }
     out["seconds"] = {"similarity": round(t1 - t0, 4), "metrics": round(time.perf_counter() - t1, 4)}
     return out
 
@@ -208,7 +242,9 @@ def _evaluate(
     video_emb = embed_videos(model, cache, members.video_idx, batch_size, device)
     text_emb = embed_texts(model, cache, members.text_idx, batch_size, device)
     embed_s = time.perf_counter() - t0
-    scored = _score(video_emb, text_emb, members.caption_to_video, dsl, chunk)
+    all_ids, all_captions = cache.video_ids, cache.captions
+    names = ([str(all_ids[i]) for i in members.video_idx], [str(all_captions[i]) for i in members.text_idx])
+    scored = _score(video_emb, text_emb, members.caption_to_video, dsl, chunk, names)
     scored["seconds"] = {"embed": round(embed_s, 4), **scored["seconds"]}
     return {
         "split": split,
@@ -329,7 +365,10 @@ def _evaluate_end_to_end(
         model, encoder, index, split, frames, words, batch_size, device, src.get("decoder", "pyav")
     )
     embed_s = time.perf_counter() - t0
-    scored = _score(video_emb, text_emb, c2v, dsl, chunk)
+    split_videos = [v for v in index.videos if v.split == split]
+    positions = {i for i, v in enumerate(index.videos) if v.split == split}
+    names = ([v.id for v in split_videos], [c.text for c in index.captions if c.video_index in positions])
+    scored = _score(video_emb, text_emb, c2v, dsl, chunk, names)
     scored["seconds"] = {"embed": round(embed_s, 4), **scored["seconds"]}
     return {
         "split": split,
@@ -448,7 +487,7 @@ def markdown_table(metrics: dict[str, dict[str, float]]) -> str:
     for direction, label in (("t2v", "text -> video"), ("v2t", "video -> text")):
         m = metrics[direction]
         rows.append(f"| {label} | " + " | ".join(_fmt(k, m[k]) for k in _COLUMNS) + " |")
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + f"\n\nRSum (R@1 + R@5 + R@10, both directions): **{rsum(metrics):.1f}**\n"
 
 
 def eval_markdown(result: dict[str, Any]) -> str:
@@ -466,6 +505,10 @@ def eval_markdown(result: dict[str, Any]) -> str:
             if c["failed_videos"] or c["dropped_texts"]
             else ""
         ),
+        f"- {T2V_RULE}.",
+        f"- {V2T_RULE}.",
+        "- R@K: percent of queries whose rank is <= K; MdR / MnR: median / mean rank (lower is better).",
+        "- Per-query ranks are in the `per_query` field of the JSON file beside this one.",
         "",
         "## Without post-processing",
         "",
@@ -492,7 +535,7 @@ def write_eval(result: dict[str, Any], json_path: Path) -> tuple[Path, Path]:
 
 
 def print_eval(result: dict[str, Any], console: Any = None) -> None:
-    """Rich table(s) of an eval result on the terminal."""
+    """Rich table(s) of an eval result on the terminal: both directions, RSum, the rules in words."""
     from rich.console import Console
     from rich.table import Table
 
@@ -503,7 +546,8 @@ def print_eval(result: dict[str, Any], console: Any = None) -> None:
         tables.append((f" (post-processed: {result['post_processing']})", result["metrics_dsl"]))
     for suffix, metrics in tables:
         table = Table(
-            title=f"{result['head']} on {result['split']}: {c['texts']} texts x {c['videos']} videos{suffix}"
+            title=f"{result['head']} on {result['split']}: {c['texts']} texts x {c['videos']} videos{suffix}",
+            caption=f"RSum {rsum(metrics):.1f} (R@1 + R@5 + R@10, both directions)",
         )
         table.add_column("direction")
         for k in ("R@1", "R@5", "R@10", "MdR", "MnR"):
@@ -511,6 +555,8 @@ def print_eval(result: dict[str, Any], console: Any = None) -> None:
         for direction, label in (("t2v", "text -> video"), ("v2t", "video -> text")):
             table.add_row(label, *(_fmt(k, metrics[direction][k]) for k in _COLUMNS))
         console.print(table)
+    console.print(f"{T2V_RULE}.", soft_wrap=True, highlight=False)
+    console.print(f"{V2T_RULE}.", soft_wrap=True, highlight=False)
     if c["failed_videos"]:
         console.print(
             f"[yellow]{c['failed_videos']} videos failed extraction and were left out "

@@ -2,8 +2,9 @@
 
 Inputs per run directory: `metrics.jsonl` (records {"kind": "step", "step", "epoch", "loss", "lr"}
 and {"kind": "epoch", "epoch", "train_loss", "val": {...}}) and `eval.json` (from `muse eval`).
-Outputs in `out_dir`: `training.png` (loss per step, train loss per epoch, validation R@1 per epoch)
-and `recall.png` (text -> video R@1/5/10 of every evaluated run side by side).
+Outputs in `out_dir`, each as PNG (200 dpi) and SVG: `training` (loss per step, train loss per epoch,
+validation R@1 per epoch with the best epoch starred) and `recall` (R@1/5/10 of every evaluated run,
+text -> video and video -> text, beside the zero-shot CLIP baseline). One legend entry per run.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from muse_pipeline.errors import InputError
+
 log = logging.getLogger(__name__)
 
 RECALL_KEYS = ("R1", "R5", "R10")
+DPI = 200
 
 
 def read_metrics_log(path: Path | str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -63,62 +67,88 @@ def _run_label(run_dir: Path, eval_result: dict[str, Any] | None = None) -> str:
     return f"{run_dir.name} ({head})" if head and head != run_dir.name else run_dir.name
 
 
-def plot_training(runs: Sequence[Path], out_png: Path) -> Path | None:
-    """Loss per step / epoch and validation R@1 per epoch of every run that has a metrics.jsonl."""
+def best_epoch(epochs: Sequence[dict[str, Any]]) -> int | None:
+    """The epoch whose weights are best.safetensors: the last record the trainer flagged `best`
+    (older logs without the flag: the first epoch with the highest validation R@1)."""
+    flagged = [e["epoch"] for e in epochs if e.get("best")]
+    if flagged:
+        return int(flagged[-1])
+    scored = [(val_r1(e.get("val")), e["epoch"]) for e in epochs]
+    scored = [(r, ep) for r, ep in scored if r is not None]
+    if not scored:
+        return None
+    top = max(r for r, _ in scored)
+    return int(next(ep for r, ep in scored if r == top))
+
+
+def _save(fig: Any, out_png: Path) -> list[Path]:
+    """PNG at 200 dpi and an SVG beside it."""
+    fig.savefig(out_png, dpi=DPI)
+    svg = out_png.with_suffix(".svg")
+    fig.savefig(svg)
+    return [out_png, svg]
+
+
+def plot_training(runs: Sequence[Path], out_png: Path) -> list[Path]:
+    """Loss per step (thin) with epoch means (dots), and validation R@1 per epoch with the best epoch
+    starred; one colour and one legend entry per run. Returns [png, svg], or [] if nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    plotted = False
-    for run in runs:
+    handles = []
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
         log_path = run / "metrics.jsonl"
         if not log_path.is_file():
             log.warning("%s: no metrics.jsonl, left out of the training plot", run)
             continue
         steps, epochs = read_metrics_log(log_path)
-        label = _run_label(run)
+        colour = colours[i % len(colours)]
+        plotted = False
         if steps:
-            line = ax_loss.plot(
-                [s["step"] for s in steps], [s["loss"] for s in steps], alpha=0.6, label=label
-            )[0]
-            # Epoch means on the step axis: the step where each epoch ended.
-            ends = {}
+            ax_loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], alpha=0.45, lw=1, color=colour)
+            ends: dict[Any, int] = {}
             for s in steps:
                 ends[s["epoch"]] = s["step"]
-            pts = [
-                (ends[e["epoch"]], e["train_loss"])
-                for e in epochs
-                if e["epoch"] in ends and "train_loss" in e
-            ]
+            pts = [(ends[e["epoch"]], e["train_loss"]) for e in epochs if e["epoch"] in ends and "train_loss" in e]
             if pts:
-                ax_loss.plot(
-                    *zip(*pts, strict=True), "o--", color=line.get_color(), label=f"{label} epoch mean"
-                )
+                ax_loss.plot(*zip(*pts, strict=True), "o--", color=colour, ms=4)
             plotted = True
         val = [(e["epoch"], val_r1(e.get("val"))) for e in epochs]
         val = [(x, y) for x, y in val if y is not None]
         if val:
-            ax_val.plot(*zip(*val, strict=True), "o-", label=label)
+            ax_val.plot(*zip(*val, strict=True), "o-", color=colour, ms=4)
+            best = best_epoch(epochs)
+            if best is not None and best in dict(val):
+                ax_val.plot([best], [dict(val)[best]], marker="*", ms=16, color=colour, mec="black", ls="none")
+                ax_val.annotate(f"best: epoch {best}", (best, dict(val)[best]), textcoords="offset points",
+                                xytext=(6, 6), fontsize=7)
             plotted = True
-    if not plotted:
+        if plotted:
+            handles.append(Line2D([], [], color=colour, marker="o", label=_run_label(run)))
+    if not handles:
         plt.close(fig)
-        return None
-    ax_loss.set(xlabel="step", ylabel="contrastive loss", title="training loss")
-    ax_val.set(xlabel="epoch", ylabel="R@1 (%)", title="validation text -> video R@1")
+        return []
+    ax_loss.set(xlabel="step", ylabel="contrastive loss", title="training loss (line: steps, dots: epoch means)")
+    ax_val.set(xlabel="epoch", ylabel="R@1 (%)", title="validation text -> video R@1 (star: best epoch)")
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    handles.append(Line2D([], [], color="grey", marker="*", ms=12, mec="black", ls="none", label="best epoch (weights kept)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    paths = _save(fig, out_png)
     plt.close(fig)
-    return out_png
+    return paths
 
 
-def plot_recall(evals: Sequence[tuple[str, dict[str, Any]]], out_png: Path) -> Path | None:
-    """Grouped bars of text -> video R@1/5/10 (one group per K, one bar per evaluated run)."""
+def plot_recall(evals: Sequence[tuple[str, dict[str, Any]]], out_png: Path,
+                baseline: tuple[str, dict[str, Any]] | None = None) -> list[Path]:
+    """Grouped bars of R@1/5/10, text -> video and video -> text side by side: one bar per run, the
+    zero-shot baseline first (grey, hatched). Returns [png, svg], or [] if nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,33 +156,62 @@ def plot_recall(evals: Sequence[tuple[str, dict[str, Any]]], out_png: Path) -> P
     import numpy as np
 
     if not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(evals) + 4), 4))
-    width = 0.8 / len(evals)
+        return []
+    series = ([(baseline[0], baseline[1], True)] if baseline else []) + [(lab, r, False) for lab, r in evals]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.2 * len(series) + 7), 4.4), sharey=True)
+    width = 0.8 / len(series)
     x = np.arange(len(RECALL_KEYS))
-    for i, (label, result) in enumerate(evals):
-        t2v = result["metrics"]["t2v"]
-        values = [float(t2v[k]) for k in RECALL_KEYS]
-        bars = ax.bar(x + (i - (len(evals) - 1) / 2) * width, values, width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, [f"R@{k[1:]}" for k in RECALL_KEYS])
-    ax.set(ylabel="recall (%)", ylim=(0, 105), title="text -> video recall@K (test, no post-processing)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    split = evals[0][1].get("split", "test")
+    for ax, (direction, title) in zip(axes, (("t2v", "text -> video"), ("v2t", "video -> text")), strict=True):
+        for i, (label, result, is_base) in enumerate(series):
+            m = result["metrics"][direction]
+            style = dict(color="#bbbbbb", hatch="//", edgecolor="#666666") if is_base else dict(
+                color=colours[(i - (1 if baseline else 0)) % len(colours)])
+            bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, [float(m[k]) for k in RECALL_KEYS], width,
+                          label=label, **style)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(x, [f"R@{k[1:]}" for k in RECALL_KEYS])
+        ax.set(title=f"{title} recall@K ({split}, no post-processing)", ylim=(0, 105))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("recall (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    paths = _save(fig, out_png)
     plt.close(fig)
-    return out_png
+    return paths
 
 
-def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str) -> list[Path]:
-    """Write training.png and recall.png for `run_dirs` into `out_dir`; returns the PNGs written."""
+def zero_shot_baseline(evals: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]] | None:
+    """Zero-shot CLIP (meanP of cached CLS tokens) on the cache and split of the first evaluated run,
+    if that cache is still there; None otherwise (the plot then has no baseline bar)."""
+    for _, result in evals:
+        cache = result.get("cache")
+        if cache and Path(cache).exists():
+            from muse_pipeline.stages.evaluate import evaluate_zero_shot
+
+            base = evaluate_zero_shot(cache, split=result.get("split", "test"))
+            return "zero-shot CLIP (meanP, no training)", base
+    return None
+
+
+def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str, *,
+                 baseline: Path | str | bool | None = True) -> list[Path]:
+    """Write training.{png,svg} and recall.{png,svg} for `run_dirs` into `out_dir`; returns the files.
+
+    baseline: the zero-shot bar of the recall plot: True computes it from the evaluated runs' cache
+    (skipped when that cache is gone), a path reads an eval.json of `muse eval --zero-shot`,
+    False / None leaves it out.
+    """
     runs = [Path(r) for r in run_dirs]
     if not runs:
-        raise ValueError("no run directories given")
+        raise InputError("no run directories given")
     missing = [str(r) for r in runs if not r.is_dir()]
     if missing:
-        raise FileNotFoundError(f"not a directory: {', '.join(missing)}")
+        raise InputError(f"not a directory: {', '.join(missing)}")
+    if isinstance(baseline, str | Path) and not Path(baseline).is_file():
+        raise InputError(f"baseline eval file {baseline} does not exist (write one with `muse eval --zero-shot`)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     evals = []
@@ -161,13 +220,15 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str) -> list[Pa
         if path.is_file():
             result = json.loads(path.read_text())
             evals.append((_run_label(run, result), result))
-    written = [
-        p
-        for p in (plot_training(runs, out / "training.png"), plot_recall(evals, out / "recall.png"))
-        if p is not None
-    ]
+    base = None
+    if isinstance(baseline, str | Path):
+        result = json.loads(Path(baseline).read_text())
+        base = (f"{result.get('head', 'baseline')} (baseline)", result)
+    elif baseline:
+        base = zero_shot_baseline(evals)
+    written = plot_training(runs, out / "training.png") + plot_recall(evals, out / "recall.png", base)
     if not written:
-        raise ValueError(
+        raise InputError(
             "nothing to plot: none of the runs has a metrics.jsonl with records or an eval.json "
             "(train with `muse train`, evaluate with `muse eval`)"
         )

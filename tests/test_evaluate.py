@@ -193,6 +193,37 @@ def test_zero_shot_writes_eval_files(tmp_path: Path) -> None:
     assert retrieval_metrics(t @ v.T, c2v) == result["metrics"]
 
 
+def test_eval_json_keeps_per_query_ranks_and_rsum(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path, n_test=6, n_train=2, captions_per_video=3, seed=5)
+    model = CountingModel()
+    # A text side that differs from the video side: imperfect ranks, so the ranks carry information.
+    w_text = model.w + 1.5 * torch.randn(D, D, generator=torch.Generator().manual_seed(1))
+    model.embed_texts = lambda e: torch.nn.functional.normalize(e.float() @ w_text, dim=-1)
+    result = ev._evaluate(model, cache, "test", False, "cpu", 4, 5)
+    v, t, c2v = ev.embed_split(model, cache, "test")
+    sim = (t @ v.T).numpy()
+    # Brute force, straight from the definitions (not the metrics module).
+    t2v = [1 + int((np.delete(sim[m], c2v[m]) >= sim[m, c2v[m]]).sum()) for m in range(len(c2v))]
+    v2t = []
+    for j in range(sim.shape[1]):
+        own = [m for m in range(len(c2v)) if c2v[m] == j]
+        v2t.append(min(1 + int((np.delete(sim[:, j], m) >= sim[m, j]).sum()) for m in own))
+    pq = result["per_query"]
+    assert pq["t2v"]["rank"] == t2v and pq["v2t"]["rank"] == v2t
+    ids = cache.video_ids
+    test_rows = [i for i, s in enumerate(cache.video_splits) if s == "test"]
+    assert pq["t2v"]["video"] == [ids[test_rows[j]] for j in c2v]
+    assert pq["v2t"]["video"] == [ids[i] for i in test_rows]
+    assert pq["t2v"]["caption"][:3] == ["caption 6", "caption 7", "caption 8"]
+    assert 1 < max(t2v) and min(t2v) == 1  # the test is not vacuous
+    m = result["metrics"]
+    assert result["rsum"] == pytest.approx(sum(m[d][k] for d in ("t2v", "v2t") for k in ("R1", "R5", "R10")))
+    assert m["v2t"]["R1"] == pytest.approx(100 * np.mean(np.array(v2t) <= 1))
+    md = ev.eval_markdown({**result, "head": "h", "run_dir": None, "weights": "w"})
+    assert f"**{result['rsum']:.1f}**" in md and "best (smallest) rank among its own captions" in md
+    assert "text -> video" in md and "video -> text" in md and "per_query" in md
+
+
 def test_evaluate_run_with_fake_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import muse_pipeline.models.checkpoint as checkpoint
 
@@ -232,6 +263,7 @@ def test_print_eval_renders(tmp_path: Path) -> None:
     ev.print_eval(result, console)
     text = console.export_text()
     assert "text -> video" in text and "post-processed" in text and "5.5" in text and "failed" in text
+    assert "RSum 12.0" in text and "best (smallest) rank among its own captions" in text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,14 +298,45 @@ def test_report_writes_pngs(tmp_path: Path) -> None:
     c = _fake_run(tmp_path, "c", "seqTransf", 30.0, with_eval=False)
     steps, epochs = read_metrics_log(a / "metrics.jsonl")
     assert len(steps) == 12 and len(epochs) == 3
-    pngs = write_report([a, b, c], tmp_path / "report")
-    assert [p.name for p in pngs] == ["training.png", "recall.png"]
-    for p in pngs:
-        data = p.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    base = tmp_path / "zs.json"
+    zs = {d: {"R1": 5.0, "R5": 15.0, "R10": 25.0, "MdR": 20.0, "MnR": 30.0} for d in ("t2v", "v2t")}
+    base.write_text(json.dumps({"head": "zero-shot meanP", "metrics": zs}))
+    files = write_report([a, b, c], tmp_path / "report", baseline=base)
+    assert [p.name for p in files] == ["training.png", "training.svg", "recall.png", "recall.svg"]
     from PIL import Image
 
-    assert Image.open(pngs[1]).size[0] > 400
+    for p in files[::2]:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        dpi = Image.open(p).info["dpi"]
+        assert round(dpi[0]) == 200
+    assert Image.open(files[2]).size[0] > 1500  # 200 dpi
+    svg = files[3].read_text()
+    # One legend entry per run (+ the baseline), both directions, the baseline bar's values.
+    for label in ("a (muse)", "b (meanP)", "zero-shot meanP (baseline)", "text -&gt; video", "video -&gt; text"):
+        assert label in svg, label
+    assert svg.count("a (muse)") == 1
+    training = files[1].read_text()
+    assert training.count("a (muse)") == 1 and training.count("c (seqTransf)") == 1
+    assert "best: epoch 2" in training  # R@1 rises every epoch: the last (0-based 2) is best
+    with pytest.raises(ValueError, match="baseline eval file"):
+        write_report([a], tmp_path / "r2", baseline=tmp_path / "none.json")
+
+
+def test_report_computes_the_zero_shot_baseline_from_the_runs_cache(tmp_path: Path) -> None:
+    from muse_pipeline.stages.report import write_report
+
+    cache = make_cache(tmp_path, n_test=4, n_train=1)
+    run = _fake_run(tmp_path, "a", "muse", 40.0)
+    result = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps({**result, "cache": str(cache.path)}))
+    files = write_report([run], tmp_path / "report")
+    svg = files[3].read_text()
+    assert "zero-shot CLIP (meanP, no training)" in svg
+    zs = ev.evaluate_zero_shot(cache.path)["metrics"]["t2v"]["R1"]  # 100.0: texts are their video's CLS
+    assert f"{zs:.1f}" in svg
+    files = write_report([run], tmp_path / "report2", baseline=False)
+    assert "zero-shot" not in files[3].read_text()
 
 
 def test_report_errors(tmp_path: Path) -> None:
@@ -283,7 +346,7 @@ def test_report_errors(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ValueError, match="nothing to plot"):
         write_report([empty], tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(ValueError, match="not a directory"):
         write_report([tmp_path / "missing"], tmp_path / "out")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kind": "step"\n{"kind": "epoch", "epoch": 0}\n')
@@ -312,8 +375,10 @@ def test_cli_eval_zero_shot_and_report(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "--cache" in res.output
     res = runner.invoke(app, ["eval", "--zero-shot", "--cache", str(cache.path), "--split", "val"])
     assert res.exit_code == 1 and "no videos" in res.output
-    res = runner.invoke(app, ["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
-    assert res.exit_code == 1 and "not a directory" in res.output
+    from muse_pipeline.cli.main import app as muse
+
+    res = runner.invoke(muse, ["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0 and "error: not a directory" in res.output
 
 
 def _real_meanp_run(

@@ -1,0 +1,289 @@
+"""`muse serve`: the JSON API through FastAPI's TestClient, and the page in a real headless chromium.
+
+The index: five short VP8 webm videos (a codec every chromium build plays), one solid colour each,
+whose embeddings are the tiny random-init CLIP's own text embeddings of five captions, with an
+identity text side, so caption k must retrieve video k. Expected hits come from brute force.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from muse_pipeline.stages import search as se
+
+CAPTIONS = [
+    "a red circle moves left",
+    "a blue square grows",
+    "a green triangle spins",
+    "a yellow star falls down",
+    "a white line turns",
+]
+COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 220, 40), (240, 240, 240)]
+IDS = ["v0", "v1", "v2", "v3 <b>&amp;</b>", "v4"]
+HOSTILE_CAPTION = '<img src=x onerror="document.title=\'pwned\'">a white line'
+SECONDS, FPS = 4, 10
+
+
+def write_webm(path: Path, colour: tuple[int, int, int], seconds: int = SECONDS, fps: int = FPS) -> None:
+    """A VP8 webm: a solid colour with a white bar that moves, so frames differ."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libvpx", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for i in range(seconds * fps):
+            img = np.empty((64, 96, 3), np.uint8)
+            img[:] = colour
+            x = (3 * i) % 90
+            img[:, x : x + 6] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    from muse_pipeline.encoders.clip import ClipEncoder
+
+    root = tmp_path_factory.mktemp("serve")
+    videos = root / "videos"
+    videos.mkdir()
+    paths = []
+    for i, colour in enumerate(COLOURS):
+        paths.append(str(videos / f"clip{i}.webm"))
+        write_webm(Path(paths[-1]), colour)
+    encoder = ClipEncoder("muse-tiny", pretrained=None)
+    emb = encoder.encode_texts(encoder.tokenize(CAPTIONS, 16)).numpy()
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    windows = np.full((5, 2), np.nan)
+    windows[2] = (1.0, 3.5)  # video 2 is a clip from 1 s to 3.5 s
+    captions = [*CAPTIONS[:4], HOSTILE_CAPTION]
+    index = se.write_index(root / "index", emb, ids=IDS, paths=paths, captions=captions, windows=windows,
+                           clip={"model": "muse-tiny", "weights_id": "random-init"}, words=16)
+    searcher = se.Searcher(index)
+    from muse_pipeline.stages.serve import create_app
+
+    return create_app(searcher), searcher, emb, paths
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from fastapi.testclient import TestClient
+
+    return TestClient(served[0])
+
+
+def test_get_search_matches_brute_force(client, served) -> None:
+    _, _, emb, paths = served
+    q = served[1].encoder.encode([CAPTIONS[2]])[0]
+    order = np.argsort(-(emb @ q), kind="stable")
+    response = client.get("/search", params={"q": CAPTIONS[2], "k": 3})
+    assert response.status_code == 200
+    data = response.json()
+    assert data["query"] == CAPTIONS[2] and data["k"] == 3
+    assert [h["id"] for h in data["hits"]] == [IDS[i] for i in order[:3]]
+    np.testing.assert_allclose([h["score"] for h in data["hits"]], (emb @ q)[order[:3]], atol=1e-5)
+    top = data["hits"][0]
+    assert (top["id"], top["path"], top["start"], top["end"], top["caption"]) == ("v2", paths[2], 1.0, 3.5, CAPTIONS[2])
+    assert top["video_url"] == "/video?id=v2" and top["thumb_url"] == "/thumb?id=v2"
+
+
+def test_post_search_batch_equals_single_queries(client) -> None:
+    response = client.post("/search", json={"queries": [CAPTIONS[0], CAPTIONS[3]], "k": 2})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["query"] for r in results] == [CAPTIONS[0], CAPTIONS[3]]
+    for r in results:
+        single = client.get("/search", params={"q": r["query"], "k": 2}).json()["hits"]
+        assert [h["id"] for h in r["hits"]] == [h["id"] for h in single]
+        assert [h["score"] for h in r["hits"]] == pytest.approx([h["score"] for h in single], abs=1e-6)
+    assert results[1]["hits"][0]["id"] == IDS[3]
+    # An id with markup comes back as data, URL-encoded in its links.
+    assert results[1]["hits"][0]["video_url"] == "/video?id=v3%20%3Cb%3E%26amp%3B%3C%2Fb%3E"
+
+
+@pytest.mark.parametrize("params", [{"q": "x", "k": 0}, {"q": "x", "k": 101}, {"q": ""},
+                                    {"q": "x" * (se.MAX_QUERY_CHARS + 1)}, {"k": 3}])
+def test_get_search_bounds(client, params) -> None:
+    assert client.get("/search", params=params).status_code == 422
+
+
+def test_post_search_bounds(client) -> None:
+    assert client.post("/search", json={"queries": ["a"] * 65}).status_code == 422
+    assert client.post("/search", json={"queries": []}).status_code == 422
+    assert client.post("/search", json={"queries": ["a"], "k": 1000}).status_code == 422
+    assert client.post("/search", json={"queries": ["x" * (se.MAX_QUERY_CHARS + 1)]}).status_code == 422
+    response = client.post("/search", json={"queries": ["   "]})
+    assert response.status_code == 400 and "empty" in response.json()["detail"]
+
+
+def test_video_served_by_id_with_ranges(client, served) -> None:
+    paths = served[3]
+    data = Path(paths[1]).read_bytes()
+    full = client.get("/video", params={"id": "v1"})
+    assert full.status_code == 200 and full.content == data
+    assert full.headers["content-type"] == "video/webm" and full.headers["accept-ranges"] == "bytes"
+    part = client.get("/video", params={"id": "v1"}, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == data[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
+    odd = client.get("/video", params={"id": IDS[3]})
+    assert odd.status_code == 200 and odd.content == Path(paths[3]).read_bytes()
+
+
+@pytest.mark.parametrize("params", [{"id": "../../etc/passwd"}, {"id": "/etc/passwd"}, {"id": "clip1.webm"},
+                                    {"path": "/etc/passwd"}])
+def test_only_indexed_files_are_served(client, params) -> None:
+    assert client.get("/video", params=params).status_code in (404, 422)
+    assert client.get("/thumb", params=params).status_code in (404, 422)
+
+
+def test_thumbnail_strip_shows_the_clip(client) -> None:
+    from PIL import Image
+
+    response = client.get("/thumb", params={"id": "v0"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    img = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), dtype=np.float64)
+    # 4 frames of 96x64 scaled to height 96 (144 wide) with 4-pixel gaps.
+    assert img.shape == (96, 4 * 144 + 3 * 4, 3)
+    red = img[:, :, 0] > 150
+    assert red.mean() > 0.5  # mostly the video's red (the white bar is the rest)
+
+
+def test_page_and_headers(client) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    page = response.text
+    assert 'id="q"' in page and '<video id="video"' in page and 'src="/app.js"' in page
+    assert "randomly initialised CLIP" in page and "real CLIP weights" in page
+    assert "<script>" not in page  # only the external script, which the CSP allows
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    js = client.get("/app.js").text
+    assert "innerHTML" not in js and "textContent" in js
+    info = client.get("/info").json()
+    assert info["n_videos"] == 5 and info["random_init"] is True and info["max_k"] == 100
+
+
+# --------------------------------------------------------------------------------------------------
+# The page in a real browser.
+
+
+def _browser() -> tuple[str, str]:
+    binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver = shutil.which("chromedriver")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        binary = None
+    if binary and driver:
+        return binary, driver
+    reason = "needs chromium + chromedriver (apt-get install chromium chromium-driver) and selenium"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"browser test cannot run in CI: {reason}")
+    pytest.skip(reason=reason)
+
+
+class _Server:
+    """uvicorn on a socket bound to a free loopback port, in a thread."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> _Server:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.server.started, "uvicorn did not start"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
+    binary, driver_path = _browser()
+    from PIL import Image
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,900", "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(arg)
+    with _Server(served[0]) as server:
+        driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+        try:
+            wait = WebDriverWait(driver, 15)
+            driver.get(server.url + "/")
+            assert "real CLIP weights" in driver.find_element(By.ID, "note").text
+            box = driver.find_element(By.ID, "q")
+            box.send_keys(CAPTIONS[2], Keys.ENTER)
+            cards = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grid .hit"))
+            assert len(cards) == 5  # k is 12 by default, the index has 5 videos
+            assert cards[0].get_attribute("data-id") == "v2"
+            assert cards[0].find_element(By.CSS_SELECTOR, ".caption").text == CAPTIONS[2]
+            # Every thumbnail strip loaded (decoded by the browser, non-zero size).
+            wait.until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+            # Hostile markup in a caption is shown as text, never parsed.
+            hostile = [c for c in cards if c.get_attribute("data-id") == "v4"][0]
+            assert hostile.find_element(By.CSS_SELECTOR, ".caption").text == HOSTILE_CAPTION
+            assert not driver.find_elements(By.CSS_SELECTOR, "#grid img[src='x']")
+            assert driver.title == "muse search"
+            cards[0].click()
+            video = driver.find_element(By.ID, "video")
+            wait.until(lambda d: d.execute_script("const v = arguments[0]; return !v.paused && v.currentTime > 1.0;", video))
+            first = driver.execute_script("return arguments[0].currentTime;", video)
+            wait.until(lambda d: d.execute_script("return arguments[0].currentTime;", video) > first + 0.2)
+            assert driver.execute_script("return arguments[0].dataset.id;", video) == "v2"
+            assert driver.execute_script("return arguments[0].error;", video) is None
+            shot = tmp_path / "page.png"
+            assert driver.save_screenshot(str(shot))
+        finally:
+            driver.quit()
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    assert img.std() > 20 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # not a blank page
+    # The green of the playing video (or its thumbnails) is on screen.
+    green = (img[:, :, 1] > 150) & (img[:, :, 0] < 100) & (img[:, :, 2] < 100)
+    assert green.sum() > 500
+
+
+def test_serve_command_binds_loopback_by_default(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from muse_pipeline.cli.main import app
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: calls.append((app_, kw)))
+    index = served[1].index.path
+    result = CliRunner().invoke(app, ["serve", "--index", str(index)])
+    assert result.exit_code == 0, result.output
+    assert calls[0][1]["host"] == "127.0.0.1" and calls[0][1]["port"] == 8080
+    assert "http://127.0.0.1:8080/" in result.output and "real CLIP weights" in result.output
+    result = CliRunner().invoke(app, ["serve", "--index", str(index), "--port", "0"])
+    assert result.exit_code != 0 and "--port" in result.output and len(calls) == 1
