@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MUSE := $(VENV)/bin/muse
 STAMP := $(VENV)/.installed-stamp
+# See muse_pipeline/__init__.py: torch's and numba's OpenMP pools must not spin against each other.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 # reproduction targets (override on the command line: make reproduce-msrvtt EPOCHS=1 MODEL=muse-tiny PRETRAINED=)
 MODEL ?= ViT-B-32
