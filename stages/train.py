@@ -164,7 +164,7 @@ def run_train(
         from_cache=from_cache, end_to_end=end_to_end, dataset=dataset, data_root=data_root, model=model,
         pretrained=pretrained, decoder=decoder, head=head, name=name, runs_dir=runs_dir, resume=resume,
         init_head=init_head, device=device, quiet=quiet, model_overrides=model_overrides,
-        on_step_end=on_step_end, refit=refit, **train_overrides,
+        on_step_end=on_step_end, needs_val=refit, **train_overrides,
     )
     if not refit:
         return run_dir
@@ -189,12 +189,13 @@ def _train_once(
     quiet: bool = False,
     model_overrides: dict[str, Any] | None = None,
     on_step_end: Callable[[LoopState], None] | None = None,
-    refit: bool = False,
+    needs_val: bool = False,
     protocol: dict[str, Any] | None = None,
     describe_only: bool = False,
     **train_overrides: Any,
 ) -> Any:
-    """One run (see run_train). `protocol`: the refit record of a refit run's config.json;
+    """One run (see run_train). `needs_val`: refuse (before training) a run without a validation set;
+    `protocol`: the refit record of a refit run's config.json;
     `describe_only`: build everything, train nothing, return the parameter table."""
     ctx = setup(device)
     runs_dir = Path(runs_dir)
@@ -225,7 +226,7 @@ def _train_once(
             model_overrides,
             on_step_end,
             train_overrides,
-            require_val=refit,
+            require_val=needs_val,
             protocol=protocol,
             describe_only=describe_only,
         )
@@ -246,7 +247,7 @@ def _train_once(
         model_overrides,
         on_step_end,
         train_overrides,
-        require_val=refit,
+        require_val=needs_val,
         protocol=protocol,
         describe_only=describe_only,
     )
@@ -368,7 +369,6 @@ def param_group_rows(**kwargs: Any) -> list[dict]:
             e2e = saved["end_to_end_source"]
             kwargs.update(end_to_end=True, from_cache=None, dataset=e2e["dataset"], data_root=e2e["data_root"],
                           model=e2e["model"], pretrained=e2e["pretrained"], decoder=e2e["decoder"])
-    kwargs.pop("refit", None)
     return _train_once(describe_only=True, **kwargs)
 
 
