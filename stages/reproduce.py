@@ -203,11 +203,12 @@ def run_reproduce(cfg: ReproduceConfig) -> Path:
 
 
 def _final_logit_scale(run_dir: Path) -> float | None:
+    from muse_pipeline.stages.report import read_metrics_log
+
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
-    epochs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    values = [r["logit_scale"] for r in epochs if r.get("kind") == "epoch" and "logit_scale" in r]
+    values = [r["logit_scale"] for r in read_metrics_log(path)[1] if "logit_scale" in r]
     return values[-1] if values else None
 
 

@@ -361,10 +361,14 @@ def param_group_rows(**kwargs: Any) -> list[dict]:
     nothing (CLIP weights are not read for seqTransf's copy: it changes no group)."""
     if kwargs.get("resume") is not None:
         saved = read_run_config(Path(kwargs["resume"]))
-        kwargs.setdefault("head", saved["train"]["head"])
-        kwargs = {**kwargs, "resume": None, "from_cache": kwargs.get("from_cache") or saved.get("cache"),
-                  "model_overrides": saved["model"],
-                  **{k: v for k, v in saved["train"].items() if k not in ("head", "dataset", "end_to_end")}}
+        kwargs = {
+            **kwargs,
+            "resume": None,
+            "head": saved["train"]["head"],
+            "from_cache": kwargs.get("from_cache") or saved.get("cache"),
+            "model_overrides": saved["model"],
+            **{k: v for k, v in saved["train"].items() if k not in ("head", "dataset", "end_to_end")},
+        }
         if saved.get("end_to_end"):
             e2e = saved["end_to_end_source"]
             kwargs.update(end_to_end=True, from_cache=None, dataset=e2e["dataset"], data_root=e2e["data_root"],

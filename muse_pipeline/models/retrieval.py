@@ -72,6 +72,8 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; known: {sorted(known)}")
         d = dict(d)
+        if d.get("head") == "seqTransf" and "transformer_act" not in d:
+            d["transformer_act"] = "gelu"  # runs saved before QuickGELU was the default were built with GELU
         if "scales" in d:
             d["scales"] = tuple(d["scales"])
         return cls(**d)
