@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,15 @@ def train_cmd(
                                          "kernels (the `cuda` extra) run, instead of warning."),
     nccl_timeout: float = typer.Option(None, help="Seconds a DDP collective may wait, covering rank 0's "
                                        "validation and saving (default 7200)."),
+    refit: bool = typer.Option(
+        False, "--refit",
+        help="After selecting the epoch on validation, train again on ALL training videos (no held-out slice) "
+             "for that many epochs, in runs/<name>-refit (needs a validation set).",
+    ),
+    print_param_groups: bool = typer.Option(
+        False, "--print-param-groups",
+        help="List every trainable parameter with its group, learning rate and weight decay, then exit.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a MUSE (or baseline) head; writes runs/<name>/ with best/last weights and metrics.jsonl.
@@ -71,12 +81,22 @@ def train_cmd(
         val_fraction=val_fraction, frames=frames, words=words, num_workers=workers, log_every=log_every,
         text_adapter=False if no_text_adapter else None, amp=False if no_amp else None,
     )
+    if print_param_groups:
+        from muse_pipeline.stages.train import param_group_rows
+
+        rows = param_group_rows(
+            from_cache=from_cache, end_to_end=end_to_end, dataset=dataset, data_root=data_root, model=model,
+            pretrained=pretrained, decoder=decoder, head=head, resume=resume, device=device or "cpu",
+            quiet=True, **{k: v for k, v in overrides.items() if v is not None},
+        )
+        typer.echo(format_param_rows(rows))
+        return
     try:
         run_dir = run_train(
             from_cache=from_cache, end_to_end=end_to_end, dataset=dataset, data_root=data_root, model=model,
             pretrained=pretrained, decoder=decoder, head=head, name=name, runs_dir=runs_dir, resume=resume,
             init_head=init_head, device=device, quiet=quiet, cache_memory=cache_memory,
-            require_kernels=require_kernels, nccl_timeout=nccl_timeout, **overrides,
+            require_kernels=require_kernels, nccl_timeout=nccl_timeout, refit=refit, **overrides,
         )
     except KeyboardInterrupt:
         fail("interrupted: a resumable state was saved; continue with `muse train --resume RUN_DIR`.", code=130)
@@ -84,3 +104,18 @@ def train_cmd(
         fail(str(exc))
     if not quiet:
         typer.echo(f"run written to {run_dir}")
+
+
+def format_param_rows(rows: list[dict]) -> str:
+    """A plain table: name, shape, group, lr, weight decay (one line per parameter), then a summary."""
+    header = ("name", "shape", "group", "lr", "weight_decay")
+    cells = [(r["name"], "x".join(map(str, r["shape"])) or "scalar", r["group"], f"{r['lr']:.3g}",
+              f"{r['weight_decay']:g}") for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+    line = lambda c: "  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip()  # noqa: E731
+    groups: dict[str, list[int]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['group']} (lr {r['lr']:.3g}, wd {r['weight_decay']:g})", []).append(
+            math.prod(r["shape"]))
+    summary = [f"{g}: {len(n)} tensors, {sum(n):,} values" for g, n in groups.items()]
+    return "\n".join([line(header), *map(line, cells), "", *summary])

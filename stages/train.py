@@ -24,7 +24,7 @@ from muse_pipeline.models.checkpoint import atomic_write_json, load_weights, rea
 from muse_pipeline.training.config import TrainConfig
 from muse_pipeline.training.data import CacheError, SplitPlan, plan_splits
 from muse_pipeline.training.distributed import DistContext, barrier, broadcast_object, setup
-from muse_pipeline.training.loop import LoopState, NonFiniteLossError, Trainer, seed_everything
+from muse_pipeline.training.loop import LoopState, NonFiniteLossError, Trainer, effective_amp, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,14 @@ def run_train(
     cache_memory: str = "auto",
     require_kernels: bool = False,
     nccl_timeout: float | None = None,
+    refit: bool = False,
     **train_overrides: Any,
 ) -> Path:
     """Train (or resume) a run and return its directory.
+
+    `refit`: after this (selection) run, train again on ALL training videos (no held-out slice) for
+    the number of epochs that validation selected, in `<run>-refit`, and return that directory
+    (spec section 7; see `refit_run`). The selection run needs a validation set.
 
     Modes: `from_cache` (CLIP not loaded; tokens and text embeddings from the cache) or
     `end_to_end=True` with `dataset` and `data_root` (frames decoded, CLIP towers trained at
@@ -160,11 +165,54 @@ def run_train(
     where from-cache training tokens live; `require_kernels`: KernelsMissing unless the CUDA kernels run;
     `nccl_timeout`: seconds a DDP collective may wait (default distributed.DEFAULT_TIMEOUT_S).
     """
+    runtime_opts = dict(cache_memory=cache_memory, require_kernels=require_kernels, nccl_timeout=nccl_timeout)
+    run_dir = _train_once(
+        from_cache=from_cache, end_to_end=end_to_end, dataset=dataset, data_root=data_root, model=model,
+        pretrained=pretrained, decoder=decoder, head=head, name=name, runs_dir=runs_dir, resume=resume,
+        init_head=init_head, device=device, quiet=quiet, model_overrides=model_overrides,
+        on_step_end=on_step_end, needs_val=refit, **runtime_opts, **train_overrides,
+    )
+    if not refit:
+        return run_dir
+    return refit_run(run_dir, device=device, quiet=quiet, on_step_end=on_step_end, **runtime_opts)
+
+
+def _train_once(
+    *,
+    from_cache: Path | str | None = None,
+    end_to_end: bool = False,
+    dataset: str | None = None,
+    data_root: Path | str | None = None,
+    model: str = "ViT-B-32",
+    pretrained: str | None = None,
+    decoder: str = "pyav",
+    head: str | None = None,
+    name: str | None = None,
+    runs_dir: Path | str = Path("runs"),
+    resume: Path | str | None = None,
+    init_head: Path | str | None = None,
+    device: str | None = None,
+    quiet: bool = False,
+    model_overrides: dict[str, Any] | None = None,
+    on_step_end: Callable[[LoopState], None] | None = None,
+    needs_val: bool = False,
+    protocol: dict[str, Any] | None = None,
+    describe_only: bool = False,
+    cache_memory: str = "auto",
+    require_kernels: bool = False,
+    nccl_timeout: float | None = None,
+    **train_overrides: Any,
+) -> Any:
+    """One run (see run_train). `needs_val`: refuse (before training) a run without a validation set;
+    `protocol`: the refit record of a refit run's config.json;
+    `describe_only`: build everything, train nothing, return the parameter table."""
     from muse_pipeline.models.backends import check_kernels
 
     ctx = setup(device, nccl_timeout)
     # before anything is written: the scan/conv implementations this run gets (config.json "runtime")
-    runtime: dict[str, Any] = {"backends": check_kernels(ctx.device, require_kernels, warn=ctx.is_main)}
+    runtime: dict[str, Any] = {
+        "backends": check_kernels(ctx.device, require_kernels, warn=ctx.is_main and not describe_only)
+    }
     runs_dir = Path(runs_dir)
     saved: dict[str, Any] | None = None
     if resume is not None:
@@ -194,6 +242,9 @@ def run_train(
             on_step_end,
             train_overrides,
             runtime=runtime,
+            require_val=needs_val,
+            protocol=protocol,
+            describe_only=describe_only,
         )
     if from_cache is None:
         if saved is None:
@@ -214,6 +265,9 @@ def run_train(
         train_overrides,
         runtime=runtime,
         cache_memory=cache_memory,
+        require_val=needs_val,
+        protocol=protocol,
+        describe_only=describe_only,
     )
 
 
@@ -240,6 +294,165 @@ def _new_model_config(cfg: TrainConfig, dim: int, grid: int, random_init: bool,
     }
 
 
+def _clip_source_of(fp: dict) -> dict:
+    """The CLIP a cache was extracted with, as its fingerprint names it."""
+    return {
+        "model": fp.get("model"),
+        "pretrained": fp.get("pretrained"),
+        "weights": str(fp.get("weights", "")),
+        "quick_gelu": bool((fp.get("encoder") or {}).get("quick_gelu", False)),
+    }
+
+
+def _seqtransf_plan(model_cfg: dict, source: dict):
+    """For a new seqTransf run: decide CLIP4Clip's init (spec section 6) and fix the geometry it needs
+    (heads, activation) in `model_cfg` before the model is built. None for other heads."""
+    from muse_pipeline.models.clip_init import ClipWeightsError, plan_seqtransf_init
+
+    if model_cfg["head"] != "seqTransf":
+        return None
+    random_clip = _is_random_init({"weights": source["weights"]})
+    if not random_clip and not source.get("pretrained"):
+        raise ClipWeightsError(
+            f"seqTransf starts from CLIP's text tower, but the cache fingerprint names weights {source['weights']!r} "
+            "without the pretrained tag or file to load them from: re-extract the cache with this version"
+        )
+    plan = plan_seqtransf_init(
+        model_name=str(source["model"]), pretrained=None if random_clip else str(source["pretrained"]),
+        weights_id=source["weights"], quick_gelu=source["quick_gelu"], dim=int(model_cfg["dim"]),
+        layers=int(model_cfg.get("transformer_layers", 4)), max_frames=int(model_cfg["max_frames"]),
+    )
+    model_cfg.setdefault("transformer_heads", plan.heads)
+    model_cfg.setdefault("transformer_act", plan.act)
+    return plan
+
+
+def _initialise(retrieval, saved, init_head, seq_plan, clip_model) -> dict | None:
+    """Weights a NEW run starts from beyond its seeded init: --init-head, or seqTransf's CLIP copy.
+    Returns the record for config.json (None for a resumed run, whose weights come from state.pt)."""
+    if saved is not None:
+        return None
+    if init_head is not None:
+        _init_from_run(retrieval, Path(init_head))
+        return {"head": f"from --init-head {init_head} (best weights)"}
+    if seq_plan is None:
+        return {"head": "seeded random init (spec sections 3-6)"}
+    from muse_pipeline.models.clip_init import init_seqtransf
+
+    init_seqtransf(retrieval.head, seq_plan, clip_model)
+    return {"head": seq_plan.note, "seqtransf": seq_plan.to_dict()}
+
+
+def _run_record(plan: SplitPlan, text_video: np.ndarray, cfg: TrainConfig, ctx: DistContext,
+                init_note: dict | None, protocol: dict | None, model_cfg: dict) -> dict:
+    """config.json fields that say what the run trains on, how it starts and how its model is chosen."""
+    train_videos = np.unique(np.asarray(text_video)[plan.train_texts])
+    if protocol is None:
+        protocol = {
+            "kind": "selection",
+            "selection": (f"best val t2v R@1 over {cfg.epochs} epochs on the {plan.val_source}, never the test split"
+                          if plan.has_val else "none: no validation set, the last epoch is the model"),
+        }
+    return {
+        "n_train_texts": int(len(plan.train_texts)),
+        "n_train_videos": int(len(train_videos)),
+        "n_val_videos": int(len(plan.val_videos)),
+        "world_size": ctx.world_size,
+        "init": init_note,
+        "protocol": protocol,
+        # CLIP's temperature (spec section 7): per-epoch values are in metrics.jsonl
+        "logit_scale": {"init": float(model_cfg.get("logit_scale_init", math.log(100.0))), "lr": cfg.clip_lr,
+                        "clamp_max": math.log(100.0)},
+    }
+
+
+def _param_rows(pair, cfg: TrainConfig) -> list[dict]:
+    from muse_pipeline.models.params import param_table
+    from muse_pipeline.training.loop import training_param_groups
+
+    return param_table(training_param_groups(pair, cfg))
+
+
+def param_group_rows(**kwargs: Any) -> list[dict]:
+    """What `muse train --print-param-groups` lists: the run_train arguments of a NEW run -> one row per
+    trainable parameter {name, shape, group, lr, weight_decay}. Builds the model, trains nothing, writes
+    nothing (CLIP weights are not read for seqTransf's copy: it changes no group)."""
+    if kwargs.get("resume") is not None:
+        saved = read_run_config(Path(kwargs["resume"]))
+        kwargs = {
+            **kwargs,
+            "resume": None,
+            "head": saved["train"]["head"],
+            "from_cache": kwargs.get("from_cache") or saved.get("cache"),
+            "model_overrides": saved["model"],
+            **{k: v for k, v in saved["train"].items() if k not in ("head", "dataset", "end_to_end")},
+        }
+        if saved.get("end_to_end"):
+            e2e = saved["end_to_end_source"]
+            kwargs.update(end_to_end=True, from_cache=None, dataset=e2e["dataset"], data_root=e2e["data_root"],
+                          model=e2e["model"], pretrained=e2e["pretrained"], decoder=e2e["decoder"])
+    return _train_once(describe_only=True, **kwargs)
+
+
+def selected_epochs(run_dir: Path | str) -> tuple[int, dict]:
+    """(epochs that validation selected, the selection record) of a FINISHED selection run."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if (config.get("train") or {}).get("refit"):
+        raise ConfigMismatch(f"{run_dir} is itself a refit run; --refit needs the selection run")
+    state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
+    loop = state["loop"]
+    epochs = int(config["train"]["epochs"])
+    if int(loop["epoch"]) < epochs:
+        raise ConfigMismatch(f"{run_dir} has not finished ({loop['epoch']} of {epochs} epochs): resume it first")
+    if loop["best_epoch"] < 0 or not math.isfinite(float(loop["best_score"])):
+        raise ConfigMismatch(
+            f"{run_dir} selected nothing (no validation set): --refit needs a run trained with a validation set"
+        )
+    selected = int(loop["best_epoch"]) + 1
+    record = {
+        "kind": "refit",
+        "selection_run": str(run_dir.resolve()),
+        "selection_val_source": config.get("val_source"),
+        "selection_val_t2v_R1": float(loop["best_score"]),
+        "selected_epochs": selected,
+        "selection_epochs": epochs,
+    }
+    return selected, record
+
+
+def refit_run(selection_dir: Path | str, *, device: str | None = None, quiet: bool = False,
+              on_step_end: Callable[[LoopState], None] | None = None, **runtime_opts: Any) -> Path:
+    """Spec section 7's optional refit: the selection run's recipe, trained from its initial state on
+    ALL training videos (no held-out slice; a "val" split stays validation-only and selects nothing)
+    for the number of epochs validation selected; the last epoch is the model. Writes (or resumes)
+    `<selection>-refit` beside the selection run and returns it."""
+    selection_dir = Path(selection_dir)
+    selected, record = selected_epochs(selection_dir)
+    refit_dir = selection_dir.parent / f"{selection_dir.name}-refit"
+    if (refit_dir / "config.json").exists():
+        done = read_run_config(refit_dir)
+        if (done.get("protocol") or {}).get("selection_run") != record["selection_run"]:
+            raise ConfigMismatch(f"{refit_dir} exists but refits another run; move it away")
+        return _train_once(resume=refit_dir, device=device, quiet=quiet, on_step_end=on_step_end, **runtime_opts)
+    config = read_run_config(selection_dir)
+    train = {k: v for k, v in config["train"].items() if k not in ("head", "dataset", "end_to_end")}
+    train.update(epochs=selected, val_fraction=0.0, refit=True)
+    source: dict[str, Any]
+    if config.get("end_to_end"):
+        e2e = config["end_to_end_source"]
+        source = dict(end_to_end=True, dataset=e2e["dataset"], data_root=e2e["data_root"], model=e2e["model"],
+                      pretrained=e2e["pretrained"], decoder=e2e["decoder"], init_head=config.get("init_head"))
+    else:
+        source = dict(from_cache=config["cache"])
+    if not quiet:
+        log.info("refit: %d epoch(s) selected on %s; training %s on all training videos",
+                 selected, record["selection_val_source"], refit_dir)
+    return _train_once(**source, head=config["train"]["head"], name=refit_dir.name, runs_dir=selection_dir.parent,
+                       device=device, quiet=quiet, model_overrides=config["model"], on_step_end=on_step_end,
+                       protocol=record, **runtime_opts, **train)
+
+
 def _run_from_cache(
     ctx,
     cache_path: Path,
@@ -256,7 +469,10 @@ def _run_from_cache(
     *,
     runtime: dict[str, Any],
     cache_memory: str = "auto",
-) -> Path:
+    require_val: bool = False,
+    protocol: dict | None = None,
+    describe_only: bool = False,
+) -> Any:
     from muse_pipeline.training.data import cache_dataset, choose_cache_memory, open_cache_arrays
     from muse_pipeline.training.modules import CachePairModel
     from muse_pipeline.training.validate import CacheValidator
@@ -285,14 +501,19 @@ def _run_from_cache(
         )
         model_cfg = _new_model_config(cfg, arrays.dim, _grid(arrays.num_tokens), _is_random_init(fp),
                                       model_overrides)
+    seq_plan = None
+    if saved is None:
+        cfg = cfg.replace(amp=effective_amp(cfg, ctx.device))  # config.json records what really runs
+        seq_plan = _seqtransf_plan(model_cfg, _clip_source_of(fp))
     plan = plan_splits(
         arrays.video_ids, arrays.video_split, arrays.video_done, arrays.text_video, cfg.val_fraction
     )
-    _check_plan(plan, cache_path, cfg)
+    _check_plan(plan, cache_path, cfg, require_val)
     retrieval = _build_model(model_cfg, cfg.seed)
-    if init_head is not None and saved is None:
-        _init_from_run(retrieval, Path(init_head))
     pair = CachePairModel(retrieval)
+    if describe_only:
+        return _param_rows(pair, cfg)
+    init_note = _initialise(retrieval, saved, init_head, seq_plan, clip_model=None)
     dataset, memory = cache_dataset(arrays, plan.train_texts, cache_memory, ctx.device, ctx.world_size)
     runtime["cache_memory"] = memory.to_dict()
     if ctx.is_main:
@@ -309,9 +530,7 @@ def _run_from_cache(
             "fingerprint": fp,
             "end_to_end": False,
             "val_source": plan.val_source,
-            "n_train_texts": int(len(plan.train_texts)),
-            "n_val_videos": int(len(plan.val_videos)),
-            "world_size": ctx.world_size,
+            **_run_record(plan, arrays.text_video, cfg, ctx, init_note, protocol, model_cfg),
             "runtime": runtime,
         }
         if ctx.is_main:
@@ -325,7 +544,12 @@ def _preset_names() -> set[str]:
     return set(PRESETS)
 
 
-def _check_plan(plan: SplitPlan, where: Path | str, cfg: TrainConfig) -> None:
+def _check_plan(plan: SplitPlan, where: Path | str, cfg: TrainConfig, require_val: bool = False) -> None:
+    if require_val and not plan.has_val:
+        raise CacheError(
+            f"--refit retrains for the epoch count that validation selects, but {where} gives no validation "
+            "set (no 'val' split and --val-fraction 0): set --val-fraction (e.g. 0.05) or drop --refit"
+        )
     if len(plan.train_texts) == 0:
         raise CacheError(f"{where} has no training texts (no cached videos in split 'train')")
     if len(plan.train_texts) < cfg.batch_size:
@@ -388,7 +612,10 @@ def _run_end_to_end(
     train_overrides,
     *,
     runtime: dict[str, Any],
-) -> Path:
+    require_val: bool = False,
+    protocol: dict | None = None,
+    describe_only: bool = False,
+) -> Any:
     from muse_pipeline.data import load_dataset
     from muse_pipeline.encoders.clip import ClipEncoder
     from muse_pipeline.stages.extract import ExtractConfig
@@ -429,16 +656,24 @@ def _run_end_to_end(
         text_video,
         cfg.val_fraction,
     )
-    _check_plan(plan, data_root, cfg)
+    _check_plan(plan, data_root, cfg, require_val)
+    seq_plan = None
+    if saved is None:
+        cfg = cfg.replace(amp=effective_amp(cfg, ctx.device))  # config.json records what really runs
+        seq_plan = _seqtransf_plan(model_cfg, {"model": model, "pretrained": pretrained, "weights": info["weights_id"],
+                                               "quick_gelu": info["quick_gelu"]})
     text_ids = encoder.tokenize([c.text for c in index.captions], cfg.words)
     retrieval = _build_model(model_cfg, cfg.seed)
-    if init_head is not None and saved is None:
-        _init_from_run(retrieval, Path(init_head))
+    init_note = None if describe_only else _initialise(retrieval, saved, init_head, seq_plan, encoder.model)
     pair = EndToEndPairModel(encoder, retrieval)
-    # CLIP's own temperature (and SigLIP-style bias) are unused here: frozen, so DDP sees no unused grads.
+    # CLIP's own temperature (and SigLIP-style bias) are unused here: the run's temperature is the
+    # RetrievalModel's logit_scale (initialised as CLIP's, trained at the CLIP lr). Frozen, so DDP
+    # sees no unused grads.
     encoder.model.logit_scale.requires_grad_(False)
     if getattr(encoder.model, "logit_bias", None) is not None:
         encoder.model.logit_bias.requires_grad_(False)
+    if describe_only:
+        return _param_rows(pair, cfg)
     ds = EndToEndPairDataset(
         index.videos,
         text_video,
@@ -470,9 +705,7 @@ def _run_end_to_end(
                 "decoder": decoder,
             },
             "init_head": str(init_head) if init_head else None,
-            "n_train_texts": int(len(plan.train_texts)),
-            "n_val_videos": int(len(plan.val_videos)),
-            "world_size": ctx.world_size,
+            **_run_record(plan, text_video, cfg, ctx, init_note, protocol, model_cfg),
             "runtime": runtime,
         }
         if ctx.is_main:

@@ -321,6 +321,167 @@ def test_param_groups_decay_and_lr_multipliers():
         assert (by_name[name]["weight_decay"] == 0.0) == no_decay, name
     assert by_name["head.fusion.blocks.0.mixer.fwd.A_log"]["lr"] == pytest.approx(1e-3)
     assert by_name["text_adapter.fc.weight"]["lr"] == pytest.approx(1e-3)
-    assert by_name["logit_scale"]["lr"] == pytest.approx(1e-4)
+    assert by_name["logit_scale"]["lr"] == pytest.approx(1e-7)  # CLIP's temperature, at the CLIP lr
     assert by_name["head.fusion.blocks.0.mixer.in_proj.weight"]["weight_decay"] == 0.2
     torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)  # the groups are a valid optimizer spec
+
+
+# ------------------------------------------------------------------ seqTransf = CLIP4Clip's seqTransf
+
+
+def _reference_clip_block(x, blk, heads, act):
+    """CLIP's residual attention block written out by hand: x [B, L, D], no mask."""
+    d = x.shape[-1]
+    h = F.layer_norm(x, (d,), blk["ln_1.weight"], blk["ln_1.bias"])
+    q, k, v = (h @ blk["attn.in_proj_weight"].t() + blk["attn.in_proj_bias"]).chunk(3, dim=-1)
+    split = lambda t: t.unflatten(-1, (heads, d // heads)).transpose(1, 2)  # noqa: E731
+    w = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+    a = (w @ split(v)).transpose(1, 2).flatten(-2)
+    x = x + a @ blk["attn.out_proj.weight"].t() + blk["attn.out_proj.bias"]
+    h = F.layer_norm(x, (d,), blk["ln_2.weight"], blk["ln_2.bias"])
+    h = h @ blk["mlp.c_fc.weight"].t() + blk["mlp.c_fc.bias"]
+    h = h * torch.sigmoid(1.702 * h) if act == "quick_gelu" else F.gelu(h)
+    return x + h @ blk["mlp.c_proj.weight"].t() + blk["mlp.c_proj.bias"]
+
+
+def test_seqtransf_uses_quick_gelu_and_base_lr():
+    head = build_head("seqTransf", DIM, 3, 4, layers=2)
+    acts = [type(m).__name__ for m in head.modules() if type(m).__name__ in ("QuickGELU", "GELU")]
+    assert acts == ["QuickGELU", "QuickGELU"]
+    assert head.LR_GROUP == "base" and build_head("muse", DIM, 3, 4, d_state=4, depth=1).LR_GROUP == "fusion"
+    # a layer equals CLIP's block formula (random weights, QuickGELU)
+    layer = head.transformer[0]
+    with torch.no_grad():
+        for prm in layer.parameters():
+            prm.copy_(0.2 * torch.randn_like(prm))
+    blk = {"ln_1.weight": layer.ln_1.weight, "ln_1.bias": layer.ln_1.bias, "attn.in_proj_weight": layer.attn.qkv.weight,
+           "attn.in_proj_bias": layer.attn.qkv.bias, "attn.out_proj.weight": layer.attn.proj.weight,
+           "attn.out_proj.bias": layer.attn.proj.bias, "ln_2.weight": layer.ln_2.weight, "ln_2.bias": layer.ln_2.bias,
+           "mlp.c_fc.weight": layer.mlp[0].weight, "mlp.c_fc.bias": layer.mlp[0].bias,
+           "mlp.c_proj.weight": layer.mlp[2].weight, "mlp.c_proj.bias": layer.mlp[2].bias}
+    x = torch.randn(2, 4, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _reference_clip_block(x, blk, layer.attn.heads, "quick_gelu"))
+
+
+def _tiny_clip_file(tmp_path, name="muse-tiny", seed=3):
+    """A tiny open_clip CLIP saved to a local weights file: "pretrained" = this path."""
+    import open_clip
+
+    from muse_pipeline.encoders.clip import register_tiny_config
+
+    register_tiny_config()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    path = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def _text4_config(tmp_path) -> str:
+    """muse-tiny with 4 text layers (test-local config): enough text layers for seqTransf's 4."""
+    import json
+
+    import open_clip
+
+    from muse_pipeline.encoders.clip import MODEL_CONFIG_DIR
+
+    cfg = json.loads((MODEL_CONFIG_DIR / "muse-tiny.json").read_text())
+    cfg["text_cfg"]["layers"] = 4
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "muse-tiny-text4.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return "muse-tiny-text4"
+
+
+@pytest.mark.parametrize("config", ["muse-tiny", "text4"])
+def test_seqtransf_starts_as_clip_text_layers(tmp_path, config):
+    """spec section 6: with pretrained CLIP (a weights FILE) seqTransf's layers are CLIP's text layers 0-3
+    and its frame position embeddings CLIP's text positional_embedding[:T]; same function too."""
+    from muse_pipeline.encoders.clip import ClipEncoder, file_sha256
+    from muse_pipeline.models.clip_init import init_seqtransf, plan_seqtransf_init
+
+    name = "muse-tiny" if config == "muse-tiny" else _text4_config(tmp_path)
+    path, _ = _tiny_clip_file(tmp_path, name)
+    enc = ClipEncoder(name, pretrained=str(path))
+    assert enc.weights_id == file_sha256(path)
+    plan = plan_seqtransf_init(model_name=name, pretrained=str(path), weights_id=enc.weights_id,
+                               quick_gelu=enc.quick_gelu, dim=enc.dim, layers=4, max_frames=12)
+    text_layers = len(enc.model.transformer.resblocks)
+    assert plan.copy and plan.copied_layers == min(4, text_layers)
+    assert plan.heads == enc.model.transformer.resblocks[0].attn.num_heads == 2 and plan.act == "gelu"
+    torch.manual_seed(0)
+    model = RetrievalModel(ModelConfig(head="seqTransf", dim=enc.dim, grid=enc.grid, max_frames=12,
+                                       transformer_heads=plan.heads, transformer_act=plan.act))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    init_seqtransf(model.head, plan)  # loads the weights file itself, as the trainer does from a cache
+    clip_sd = torch.load(path, weights_only=True)  # ground truth: the file, not the code under test
+    head_sd = model.head.state_dict()
+    names = {"ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "attn.qkv.weight": "attn.in_proj_weight",
+             "attn.qkv.bias": "attn.in_proj_bias", "attn.proj.weight": "attn.out_proj.weight",
+             "attn.proj.bias": "attn.out_proj.bias", "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+             "mlp.0.weight": "mlp.c_fc.weight", "mlp.0.bias": "mlp.c_fc.bias", "mlp.2.weight": "mlp.c_proj.weight",
+             "mlp.2.bias": "mlp.c_proj.bias"}
+    for i in range(4):
+        for mine, theirs in names.items():
+            key = f"transformer.{i}.{mine}"
+            if i < text_layers:
+                assert torch.equal(head_sd[key], clip_sd[f"transformer.resblocks.{i}.{theirs}"]), key
+            else:  # no such text layer: left as initialised
+                assert torch.equal(head_sd[key], before[f"head.{key}"]), key
+    assert torch.equal(head_sd["frame_position_embeddings.weight"], clip_sd["positional_embedding"][:12])
+    # and the copied layers compute CLIP's block (exact GELU: this tiny CLIP was not built with QuickGELU)
+    x = torch.randn(2, 5, enc.dim)
+    with torch.no_grad():
+        blk = {k[len("transformer.resblocks.0."):]: v for k, v in clip_sd.items() if k.startswith("transformer.resblocks.0.")}
+        torch.testing.assert_close(model.head.transformer[0](x), _reference_clip_block(x, blk, plan.heads, "gelu"))
+        torch.testing.assert_close(model.head.transformer[0](x), enc.model.transformer.resblocks[0](x))
+
+
+def test_seqtransf_init_rules_for_random_and_misfit_clip(tmp_path):
+    from muse_pipeline.models.clip_init import ClipWeightsError, init_seqtransf, plan_seqtransf_init
+
+    rnd = plan_seqtransf_init(model_name="muse-tiny", pretrained=None, weights_id="random-init", quick_gelu=False,
+                              dim=64, layers=4, max_frames=12)
+    assert not rnd.copy and "random-init" in rnd.note and rnd.act == "quick_gelu" and rnd.heads == 1
+    wide = plan_seqtransf_init(model_name="ViT-B-32", pretrained="openai", weights_id="openai", quick_gelu=True,
+                               dim=512, layers=4, max_frames=12)
+    assert wide.copy and wide.heads == 8 and wide.act == "quick_gelu" and wide.copied_layers == 4
+    # text width 512 != a 768-d embedding: random init with the reason recorded
+    misfit = plan_seqtransf_init(model_name="ViT-B-32", pretrained="openai", weights_id="openai", quick_gelu=True,
+                                 dim=768, layers=4, max_frames=12)
+    assert not misfit.copy and "text width 512 != embed dim 768" in misfit.note
+    too_many = plan_seqtransf_init(model_name="ViT-B-32", pretrained="openai", weights_id="openai", quick_gelu=True,
+                                   dim=512, layers=4, max_frames=100)
+    assert not too_many.copy and "77 text positions < 100 frames" in too_many.note
+    # the weights the cache names must be the ones loaded
+    path, _ = _tiny_clip_file(tmp_path)
+    plan = plan_seqtransf_init(model_name="muse-tiny", pretrained=str(path), weights_id="0" * 64, quick_gelu=False,
+                               dim=64, layers=4, max_frames=12)
+    head = build_head("seqTransf", 64, 7, 12, heads=plan.heads, act=plan.act)
+    with pytest.raises(ClipWeightsError, match="is not the CLIP the cache was extracted with"):
+        init_seqtransf(head, plan)
+    gone = plan_seqtransf_init(model_name="muse-tiny", pretrained=str(tmp_path / "gone.pt"), weights_id="x",
+                               quick_gelu=False, dim=64, layers=4, max_frames=12)
+    with pytest.raises(ClipWeightsError, match="cannot be loaded"):
+        init_seqtransf(head, gone)
+
+
+def test_recipe_param_groups_per_head():
+    """seqTransf at the base lr, fusion heads and the text adapter at 10x, logit_scale at the CLIP lr,
+    no decay on biases / norms / A_log / D / logit_scale."""
+    from muse_pipeline.models.params import param_table, recipe_lr_mult
+
+    for head, head_lr in (("seqTransf", 1e-4), ("muse", 1e-3), ("muse-transformer", 1e-3)):
+        kw = {"seqTransf": dict(transformer_layers=1), "muse": dict(depth=1, d_state=4)}.get(head, dict(depth=1))
+        model = RetrievalModel(ModelConfig(head=head, dim=DIM, grid=3, max_frames=4, **kw))
+        mult = recipe_lr_mult(lr=1e-4, head_lr_mult=10.0, clip_lr=1e-7, head_lr_group=model.head.LR_GROUP, prefix="")
+        rows = {r["name"]: r for r in param_table(param_groups(model, 1e-4, 0.2, mult))}
+        assert set(rows) == {n for n, _ in model.named_parameters()}
+        for name, r in rows.items():
+            expected_lr = 1e-7 if name == "logit_scale" else 1e-3 if name.startswith("text_adapter.") else (
+                head_lr if name.startswith("head.") else 1e-4)
+            assert r["lr"] == pytest.approx(expected_lr), name
+            assert r["shape"] == list(dict(model.named_parameters())[name].shape)
+        assert rows["logit_scale"]["weight_decay"] == 0.0 and rows["logit_scale"]["group"] == "logit_scale/no_decay"

@@ -287,12 +287,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------ cache checks (real store)
-def _filled_cache(path: Path, fingerprint: dict, n_videos: int = 12, pending: int = 0) -> Path:
-    """A FeatureCache of random tokens (no video decoding): grid 2 (L=5), D=8, T=3, two captions/video."""
+def _filled_cache(path: Path, fingerprint: dict, n_videos: int = 12, pending: int = 0, n_val: int = 2) -> Path:
+    """A FeatureCache of random tokens (no video decoding): grid 2 (L=5), D=8, T=3, two captions/video;
+    `n_val` videos in a "val" split, 2 in "test", the rest "train"."""
     from muse_pipeline.cache.store import FeatureCache
     from muse_pipeline.data.base import CaptionItem, DatasetIndex, VideoItem
 
-    splits = ["train"] * (n_videos - 4) + ["val"] * 2 + ["test"] * 2
+    splits = ["train"] * (n_videos - 2 - n_val) + ["val"] * n_val + ["test"] * 2
     videos = tuple(VideoItem(f"v{i}", Path(f"v{i}.mp4"), s) for i, s in enumerate(splits))
     caps = tuple(CaptionItem(f"caption {i}{j}", i, s) for i, s in enumerate(splits) for j in range(2))
     index = DatasetIndex("synthetic", path.parent, videos, caps)
@@ -349,6 +350,176 @@ def test_cache_dataset_reads_batches_with_repeated_videos(tmp_path):
     assert torch.equal(batch["tokens"][1], batch["tokens"][2]) and torch.equal(batch["tokens"][0], batch["tokens"][3])
     assert batch["mask"][0].tolist() == [True, True, True] and batch["mask"][1].tolist() == [True, False, False]
     assert torch.equal(batch["text_emb"], torch.from_numpy(arrays.text_emb[[5, 0, 1, 4]]))
+
+
+def _record_batches(monkeypatch) -> dict[int, list[np.ndarray]]:
+    """Every batch each CachePairDataset instance serves, as cache text rows (num_workers=0)."""
+    from muse_pipeline.training.data import CachePairDataset
+
+    seen: dict[int, list[np.ndarray]] = {}
+    original = CachePairDataset.__getitem__
+
+    def getitem(self, positions):
+        seen.setdefault(id(self), []).append(self.text_rows[np.asarray(positions)])
+        return original(self, positions)
+
+    monkeypatch.setattr(CachePairDataset, "__getitem__", getitem)
+    return seen
+
+
+def test_refit_trains_on_every_training_video(tmp_path, monkeypatch):
+    """--refit: selection on a held-out slice of train, then a run on ALL training videos (every caption
+    of every train video) for the selected number of epochs; the last epoch is its model."""
+    from muse_pipeline.stages.train import run_train
+    from muse_pipeline.training.data import open_cache_arrays
+
+    cache = _filled_cache(tmp_path / "c.zarr", FP, n_videos=12, n_val=0)  # 10 train videos, no val split
+    arrays = open_cache_arrays(cache)
+    train_rows = {int(r) for r in np.flatnonzero(arrays.video_split[arrays.text_video] == "train")}
+    assert len(train_rows) == 20
+    seen = _record_batches(monkeypatch)
+    refit = run_train(from_cache=cache, runs_dir=tmp_path / "runs", name="sel", head="meanP", epochs=3,
+                      batch_size=4, val_fraction=0.2, num_workers=0, quiet=True, refit=True)
+    selection = tmp_path / "runs" / "sel"
+    assert refit == tmp_path / "runs" / "sel-refit"
+    sel_cfg = json.loads((selection / "config.json").read_text())
+    cfg = json.loads((refit / "config.json").read_text())
+    assert sel_cfg["protocol"]["kind"] == "selection" and sel_cfg["n_train_videos"] == 8
+    best = [r["epoch"] for r in _records(selection, "epoch") if r["best"]][-1]
+    assert cfg["protocol"] == {**cfg["protocol"], "kind": "refit", "selected_epochs": best,
+                               "selection_run": str(selection.resolve())}
+    assert cfg["train"]["epochs"] == best and cfg["train"]["refit"] is True and cfg["train"]["val_fraction"] == 0
+    assert cfg["n_train_videos"] == 10 and cfg["n_train_texts"] == 20 and cfg["val_source"] == "none"
+    # what the two runs really read: selection 16 pairs x 3 epochs, refit all 20 pairs x `best` epochs
+    first, second = (np.concatenate(b) for b in seen.values())
+    assert len(first) == 16 * 3 and set(first.tolist()) < train_rows
+    assert len(second) == 20 * best and set(second.tolist()) == train_rows
+    assert sorted(np.bincount(second, minlength=24)[sorted(train_rows)].tolist()) == [best] * 20
+    epochs = _records(refit, "epoch")
+    assert [r["epoch"] for r in epochs] == list(range(1, best + 1)) and all(r["best"] for r in epochs)
+    # running it again resumes both finished runs: nothing trains twice
+    seen.clear()
+    assert run_train(resume=selection, quiet=True, refit=True, num_workers=0) == refit
+    assert not seen
+
+
+def test_refit_without_validation_is_refused_before_training(tmp_path):
+    from muse_pipeline.stages.train import run_train
+    from muse_pipeline.training.data import CacheError
+
+    cache = _filled_cache(tmp_path / "c.zarr", FP, n_videos=12, n_val=0)
+    with pytest.raises(CacheError, match="--refit .* no validation set"):
+        run_train(from_cache=cache, runs_dir=tmp_path / "runs", head="meanP", epochs=1, batch_size=4,
+                  val_fraction=0.0, num_workers=0, quiet=True, refit=True)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_records_what_ran_and_logit_scale(tmp_path):
+    """CPU: amp false in config.json (autocast never ran); logit_scale at the CLIP lr stays put and is
+    recorded per epoch; init ln(1/0.07) for random-init CLIP (spec section 7)."""
+    from muse_pipeline.stages.train import run_train
+
+    cache = _filled_cache(tmp_path / "c.zarr", FP)
+    run = run_train(from_cache=cache, runs_dir=tmp_path / "runs", head="meanP", epochs=2, batch_size=4,
+                    num_workers=0, quiet=True, device="cpu")
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["amp"] is False
+    assert [r["amp"] for r in _records(run, "start")] == [False]
+    assert cfg["logit_scale"]["init"] == pytest.approx(math.log(1 / 0.07)) and cfg["logit_scale"]["lr"] == 1e-7
+    values = [r["logit_scale"] for r in _records(run, "epoch")]
+    assert len(values) == 2 and all(abs(v - math.log(1 / 0.07)) < 1e-5 for v in values)
+    assert cfg["init"]["head"].startswith("seeded random init")
+
+
+def _seqtransf_cache(tmp_path: Path) -> tuple[Path, Path]:
+    """A cache whose fingerprint names a tiny CLIP saved to a weights FILE (D=64, 7x7 grid)."""
+    import open_clip
+
+    from muse_pipeline.cache.store import FeatureCache
+    from muse_pipeline.data.base import CaptionItem, DatasetIndex, VideoItem
+    from muse_pipeline.encoders.clip import ClipEncoder, register_tiny_config
+
+    register_tiny_config()
+    torch.manual_seed(5)
+    weights = tmp_path / "tiny.pt"
+    torch.save(open_clip.create_model("muse-tiny").state_dict(), weights)
+    info = ClipEncoder("muse-tiny", pretrained=str(weights)).describe()
+    fp = {**FP, "pretrained": str(weights), "weights": info["weights_id"], "num_tokens": 50, "dim": 64,
+          "encoder": info}
+    splits = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
+    videos = tuple(VideoItem(f"v{i}", Path(f"v{i}.mp4"), s) for i, s in enumerate(splits))
+    caps = tuple(CaptionItem(f"caption {i}", i, s) for i, s in enumerate(splits))
+    path = tmp_path / "seq.zarr"
+    cache = FeatureCache.create(path, DatasetIndex("synthetic", tmp_path, videos, caps), frames=3, num_tokens=50,
+                                dim=64, words=8, fingerprint=fp, videos_per_shard=4,
+                                text_tokens=np.ones((len(caps), 8), np.int32))
+    rng = np.random.default_rng(0)
+    for i in range(len(videos)):
+        cache.write_video(i, rng.standard_normal((1 + i % 3, 50, 64)).astype(np.float16))
+    cache.write_texts(0, embeddings=rng.standard_normal((len(caps), 64)).astype(np.float16))
+    cache.flush()
+    cache.close()
+    return path, weights
+
+
+def test_seqtransf_run_starts_from_the_cache_clip_text_layers(tmp_path):
+    """A from-cache seqTransf run loads the CLIP the fingerprint names (a weights file here) and starts
+    from its text layers; config.json says so."""
+    from muse_pipeline.models.checkpoint import load_run
+    from muse_pipeline.stages.train import run_train
+
+    cache, weights = _seqtransf_cache(tmp_path)
+    clip_sd = torch.load(weights, weights_only=True)
+    run = run_train(from_cache=cache, runs_dir=tmp_path / "runs", head="seqTransf", epochs=1, batch_size=4,
+                    lr=1e-12, clip_lr=0.0, num_workers=0, quiet=True)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["init"]["seqtransf"]["copy"] is True and cfg["init"]["seqtransf"]["copied_layers"] == 2
+    assert cfg["model"]["transformer_heads"] == 2 and cfg["model"]["transformer_act"] == "gelu"
+    model, _ = load_run(run, "last")
+    sd = model.head.state_dict()
+    # lr 1e-12 for 2 steps: the weights are still CLIP's to float precision
+    torch.testing.assert_close(sd["transformer.0.attn.qkv.weight"], clip_sd["transformer.resblocks.0.attn.in_proj_weight"])
+    torch.testing.assert_close(sd["transformer.1.mlp.2.weight"], clip_sd["transformer.resblocks.1.mlp.c_proj.weight"])
+    torch.testing.assert_close(sd["frame_position_embeddings.weight"], clip_sd["positional_embedding"][:3])
+
+
+def test_print_param_groups_lists_recipe_groups(tmp_path):
+    """`muse train --print-param-groups`: name, shape, group, lr, wd per parameter; no run is written."""
+    from typer.testing import CliRunner
+
+    from muse_pipeline.cli.main import app
+
+    cache = _filled_cache(tmp_path / "c.zarr", FP)
+    runner = CliRunner()
+
+    def table(head: str) -> dict[str, dict]:
+        res = runner.invoke(app, ["train", "--from-cache", str(cache), "--head", head, "--print-param-groups",
+                                  "--lr", "1e-4", "--runs-dir", str(tmp_path / "runs")])
+        assert res.exit_code == 0, res.output
+        lines = res.output.splitlines()
+        assert lines[0].split() == ["name", "shape", "group", "lr", "weight_decay"]
+        rows = {}
+        for line in lines[1:lines.index("")]:
+            name, shape, group, lr, wd = line.split()
+            rows[name] = {"shape": shape, "group": group, "lr": float(lr), "wd": float(wd)}
+        return rows
+
+    seq = table("seqTransf")
+    muse = table("muse")
+    assert not (tmp_path / "runs").exists()
+    for rows in (seq, muse):
+        for name, r in rows.items():
+            leaf = name.rsplit(".", 1)[-1]
+            # biases and norm weights are the 1-D tensors (matrices are "AxB")
+            no_decay = leaf in ("bias", "A_log", "D", "logit_scale") or "x" not in r["shape"]
+            assert (r["wd"] == 0.0) == no_decay, name
+            assert (r["wd"] == 0.2) == (not no_decay), name
+        assert rows["model.logit_scale"]["lr"] == pytest.approx(1e-7) and rows["model.logit_scale"]["shape"] == "scalar"
+        assert rows["model.text_adapter.fc.weight"]["lr"] == pytest.approx(1e-3)
+    assert all(r["lr"] == pytest.approx(1e-4) for n, r in seq.items() if n.startswith("model.head."))
+    assert seq["model.head.transformer.0.attn.qkv.weight"]["shape"] == "24x8"
+    assert all(r["lr"] == pytest.approx(1e-3) for n, r in muse.items() if n.startswith("model.head."))
+    assert muse["model.head.fusion.blocks.0.mixer.fwd.A_log"]["wd"] == 0.0
 
 
 # ------------------------------------------------------------------------------- learning works

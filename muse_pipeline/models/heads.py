@@ -49,6 +49,8 @@ def masked_mean_normalized(frames: torch.Tensor, mask: torch.Tensor) -> torch.Te
 class MeanPHead(nn.Module):
     """Masked mean of L2-normalised CLS features; no parameters (also the zero-shot baseline)."""
 
+    LR_GROUP = "fusion"
+
     def __init__(self, dim: int, grid: int, max_frames: int) -> None:
         super().__init__()
         self.dim, self.grid, self.max_frames = dim, grid, max_frames
@@ -60,15 +62,45 @@ class MeanPHead(nn.Module):
 
 @HEADS.register("seqTransf")
 class SeqTransfHead(nn.Module):
-    """CLIP4Clip seqTransf: CLS + learned frame position embedding -> Transformer (key padding mask)
-    -> + the input CLS (residual) -> meanP."""
+    """CLIP4Clip seqTransf (spec section 6): CLS + frame position embedding -> Transformer (key padding
+    mask, QuickGELU) -> + the input CLS (residual) -> meanP.
 
-    def __init__(self, dim: int, grid: int, max_frames: int, layers: int = 4, heads: int | None = None) -> None:
+    With pretrained CLIP the trainer calls `load_clip_text` (CLIP4Clip's initialisation: text layers
+    0..layers-1 and the text positional embedding); it trains at the base lr (`LR_GROUP`).
+    """
+
+    # Which learning rate the trainer gives this head: "base" (1x, CLIP4Clip) or "fusion" (10x).
+    LR_GROUP = "base"
+
+    def __init__(self, dim: int, grid: int, max_frames: int, layers: int = 4, heads: int | None = None,
+                 act: str = "quick_gelu") -> None:
         super().__init__()
         self.dim, self.grid, self.max_frames = dim, grid, max_frames
         self.frame_position_embeddings = nn.Embedding(max_frames, dim)
         nn.init.normal_(self.frame_position_embeddings.weight, std=0.01)
-        self.transformer = nn.ModuleList(TransformerLayer(dim, heads or default_heads(dim)) for _ in range(layers))
+        self.transformer = nn.ModuleList(
+            TransformerLayer(dim, heads or default_heads(dim), act=act) for _ in range(layers)
+        )
+
+    @torch.no_grad()
+    def load_clip_text(self, clip_model: nn.Module) -> int:
+        """Start from an open_clip CLIP's text tower: layer i <- `transformer.resblocks[i]` for the
+        layers both have (CLIP4Clip copies text layers < its layer count; a shorter text tower leaves
+        the last layers as they are), and `frame_position_embeddings` <- `positional_embedding[:max_frames]`.
+        Returns the number of layers copied. ValueError if it does not fit (width, head count, positions)."""
+        blocks = clip_model.transformer.resblocks
+        pos = clip_model.positional_embedding
+        if pos.shape[0] < self.max_frames or pos.shape[1] != self.dim:
+            raise ValueError(
+                f"CLIP's text positional embedding {tuple(pos.shape)} cannot give {self.max_frames} x {self.dim}"
+            )
+        copied = 0
+        for layer, block in zip(self.transformer, blocks, strict=False):
+            layer.load_clip_block(block)
+            copied += 1
+        weight = self.frame_position_embeddings.weight
+        weight.copy_(pos[: self.max_frames].detach().to(weight.dtype))
+        return copied
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         _check_tokens(tokens, mask, self.dim)
@@ -86,6 +118,8 @@ class SeqTransfHead(nn.Module):
 
 class _MultiScaleHead(nn.Module):
     """pyramid -> scale-wise sequence of the real frames -> residual fusion -> CLS outputs -> pooled."""
+
+    LR_GROUP = "fusion"  # spec section 7: the fusion head trains at 10x the base lr
 
     def __init__(self, dim: int, grid: int, max_frames: int, fusion: nn.Module, order: str = "scale",
                  scales: tuple[float, ...] = (0.5, 1.0, 2.0)) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from muse_pipeline.models.heads import HEADS, build_head
 from muse_pipeline.models.loss import MAX_LOGIT_SCALE, contrastive_loss
+from muse_pipeline.models.transformer import ACTIVATIONS
 
 LOGIT_SCALE_PRETRAINED = math.log(100.0)  # spec section 7, CLIP pretrained
 LOGIT_SCALE_SCRATCH = math.log(1.0 / 0.07)
@@ -36,6 +37,8 @@ class ModelConfig:
     order: str = "scale"  # "scale" (paper) or "frame" sequence order
     scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     transformer_layers: int = 4  # seqTransf
+    transformer_heads: int = 0  # seqTransf; 0: 8 at width >= 512, else width // 64 (set to CLIP's when copied)
+    transformer_act: str = "quick_gelu"  # seqTransf MLP activation: CLIP's ("gelu" for non-OpenAI weights)
     text_adapter: bool = True
     logit_scale_init: float = LOGIT_SCALE_PRETRAINED
 
@@ -49,6 +52,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.drop_max must be in [0, 1), got {self.drop_max}")
         if self.order not in ("scale", "frame"):
             raise ValueError(f"ModelConfig.order must be 'scale' or 'frame', got {self.order!r}")
+        if self.transformer_act not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.transformer_act must be one of {ACTIVATIONS}, got {self.transformer_act!r}")
+        if self.transformer_heads < 0 or (self.transformer_heads and self.dim % self.transformer_heads):
+            raise ValueError(f"ModelConfig.transformer_heads {self.transformer_heads} must be 0 or divide dim {self.dim}")
         if self.logit_scale_init > MAX_LOGIT_SCALE + 1e-9:
             raise ValueError(f"logit_scale_init must be <= ln(100), got {self.logit_scale_init}")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
@@ -65,6 +72,8 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; known: {sorted(known)}")
         d = dict(d)
+        if d.get("head") == "seqTransf" and "transformer_act" not in d:
+            d["transformer_act"] = "gelu"  # runs saved before QuickGELU was the default were built with GELU
         if "scales" in d:
             d["scales"] = tuple(d["scales"])
         return cls(**d)
@@ -77,7 +86,7 @@ class ModelConfig:
                 kw.update(d_state=self.d_state, d_conv=self.d_conv)
             return kw
         if self.head == "seqTransf":
-            return dict(layers=self.transformer_layers)
+            return dict(layers=self.transformer_layers, heads=self.transformer_heads or None, act=self.transformer_act)
         return {}
 
 

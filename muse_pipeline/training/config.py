@@ -22,7 +22,7 @@ class TrainConfig:
     batch_size: int = 128  # GLOBAL batch, split evenly over ranks
     lr: float = 1e-4  # base lr (parameters that are neither head/adapter nor CLIP)
     head_lr_mult: float = 10.0  # fusion head and text adapter: 10x
-    clip_lr: float = 1e-7  # CLIP towers in end-to-end mode
+    clip_lr: float = 1e-7  # CLIP's parameters: logit_scale always, the towers in end-to-end mode
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
@@ -30,11 +30,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 42
     val_fraction: float = 0.0  # held-out train videos when the cache has no "val" split
+    refit: bool = False  # a refit run: all training videos, `epochs` = the selected count, last epoch = model
     frames: int = 12
     words: int = 32
     text_adapter: bool = True
     end_to_end: bool = False
-    amp: bool = True  # bf16 autocast; only ever enabled on CUDA
+    amp: bool = True  # bf16 autocast on CUDA; a run's config.json records whether it really ran
     num_workers: int = 2
     log_every: int = 10  # steps between "step" records in metrics.jsonl
 
@@ -49,6 +50,7 @@ class TrainConfig:
             (0.0 <= self.warmup_fraction < 1.0, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}"),
             (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (not (self.refit and self.val_fraction > 0), "a refit run trains on all training videos: val_fraction must be 0"),
             (self.frames >= 1 and self.words >= 3, f"frames >= 1 and words >= 3 needed, got {self.frames}, {self.words}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),

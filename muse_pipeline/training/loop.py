@@ -33,11 +33,11 @@ from torch import nn
 from muse_pipeline.errors import UserError
 from muse_pipeline.models.checkpoint import atomic_torch_save, save_run_weights
 from muse_pipeline.models.loss import contrastive_loss
-from muse_pipeline.models.params import param_groups
+from muse_pipeline.models.params import param_groups, recipe_lr_mult
 from muse_pipeline.training.config import MAX_LOGIT_SCALE, TrainConfig
 from muse_pipeline.training.data import EpochBatchSampler, make_loader
 from muse_pipeline.training.distributed import DistContext, barrier
-from muse_pipeline.training.schedule import cosine_with_warmup, warmup_steps_for
+from muse_pipeline.training.schedule import cosine_with_warmup, lr_factor, warmup_steps_for
 
 STATE_VERSION = 1
 
@@ -106,6 +106,21 @@ def _graceful_sigint(flag: dict[str, bool]):
         signal.signal(signal.SIGINT, previous)
 
 
+def training_param_groups(pair: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The AdamW groups of spec sections 6-7 for a pair model (`model.` = the RetrievalModel, `clip.` =
+    CLIP in end-to-end mode): fusion head and text adapter at lr x head_lr_mult, a head whose
+    LR_GROUP is "base" (seqTransf) at lr, logit_scale and CLIP at clip_lr, everything else at lr."""
+    head = getattr(pair.model, "head", None)
+    mult = recipe_lr_mult(lr=cfg.lr, head_lr_mult=cfg.head_lr_mult, clip_lr=cfg.clip_lr,
+                          head_lr_group=getattr(head, "LR_GROUP", "fusion"))
+    return param_groups(pair, cfg.lr, cfg.weight_decay, lr_mult=mult)
+
+
+def effective_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether bf16 autocast really runs: requested AND on CUDA (CPU runs never autocast)."""
+    return bool(cfg.amp) and device.type == "cuda"
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -136,12 +151,9 @@ class Trainer:
         self.model = pair.model  # the RetrievalModel: what best/last.safetensors hold
         self.clip = getattr(pair, "clip", None)
 
-        mult = {"model.head.": cfg.head_lr_mult, "model.text_adapter.": cfg.head_lr_mult}
-        if self.clip is not None:
-            mult["clip."] = cfg.clip_lr / cfg.lr
-            if cfg.clip_lr == 0:
-                self.clip.requires_grad_(False)
-        groups = param_groups(self.pair, cfg.lr, cfg.weight_decay, lr_mult=mult)
+        if self.clip is not None and cfg.clip_lr == 0:
+            self.clip.requires_grad_(False)
+        groups = training_param_groups(self.pair, cfg)
         self.params = [p for g in groups for p in g["params"]]
         for g in groups:
             g.pop("param_names", None)  # keep state.pt independent of torch's named-optimizer format
@@ -160,7 +172,7 @@ class Trainer:
             self.net: nn.Module = DistributedDataParallel(self.pair, device_ids=ids)
         else:
             self.net = self.pair
-        self.amp = cfg.amp and ctx.device.type == "cuda"
+        self.amp = effective_amp(cfg, ctx.device)
         self.state = LoopState()
         self._last_lr = cfg.lr
         self._rank_rng: list[dict] | None = None
@@ -228,8 +240,8 @@ class Trainer:
         with autocast:
             text, video = self.net(batch)
         loss = contrastive_loss(text.float(), video.float(), self.model.logit_scale)
-        group = self.optimizer.param_groups[0]
-        self._last_lr = self.cfg.lr * group["lr"] / group["initial_lr"]  # base lr used by this step
+        # base lr used by this step (a group's own lr may be 0, e.g. clip_lr 0)
+        self._last_lr = self.cfg.lr * lr_factor(self.scheduler.last_epoch, self.total_steps, self.warmup_steps)
         # The mean of the per-rank losses is the global-batch loss (see models/loss.py); the stop
         # flag rides along so every rank takes the same decision at the same step.
         loss_sum, stops = self._reduce([float(loss.detach()), float(stop_requested)])
@@ -264,16 +276,18 @@ class Trainer:
         train_loss = self.state.loss_sum / max(1, self.state.loss_count)
         val = self.validate(self.pair) if self.ctx.is_main else None
         score = float(val["t2v"]["R1"]) if val is not None else None
-        # Without a validation set the latest epoch counts as the best (and the log says so).
-        is_best = score is None or score > self.state.best_score
+        # Without a validation set, or in a refit run (trained for an epoch count selected before),
+        # the latest epoch is the model: no selection here.
+        select = score is not None and not self.cfg.refit
+        is_best = not select or score > self.state.best_score
         if is_best:
-            self.state.best_score = score if score is not None else -math.inf
+            self.state.best_score = score if select else -math.inf
             self.state.best_epoch = epoch
         self.state.epoch = epoch + 1
         self.state.batch_in_epoch = 0
         self.state.loss_sum, self.state.loss_count = 0.0, 0
         record = {"kind": "epoch", "epoch": epoch + 1, "step": self.state.step, "train_loss": train_loss,
-                  "val": val, "best": bool(is_best)}
+                  "val": val, "best": bool(is_best), "logit_scale": self.logit_scale_value()}
         if self.ctx.is_main:
             save_run_weights(self.run_dir, "last", self.model, clip=self.clip)
             if is_best:
@@ -283,10 +297,19 @@ class Trainer:
         barrier(self.ctx)
         return record
 
+    def logit_scale_value(self) -> float:
+        """The (clamped) log temperature now; exp of it multiplies the cosine similarities."""
+        return float(self.model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE))
+
     def fit(self) -> LoopState:
         """Train from `self.state` to the last epoch. Raises NonFiniteLossError or KeyboardInterrupt."""
         if self._rank_rng is not None:
             _set_rng_state(self._rank_rng[self.ctx.rank])
+        # What this process really runs (a resumed run may be on another device than the one that
+        # wrote config.json).
+        self._log({"kind": "start", "epoch": self.state.epoch + 1, "step": self.state.step,
+                   "device": str(self.ctx.device), "amp": self.amp, "world_size": self.ctx.world_size,
+                   "logit_scale": self.logit_scale_value()})
         flag = {"stop": False}
         from muse_pipeline.training.progress import TrainProgress
 
