@@ -27,7 +27,7 @@ def _require_store(path: Path) -> None:
 @cache_app.command("info")
 def info_cmd(
     path: Path = typer.Argument(..., help="A .zarr store written by `muse extract`."),
-    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON.", show_default="off"),
 ) -> None:
     """Counts per split, cached / failed / pending videos, size on disk, fingerprint, failures."""
     from rich.table import Table
@@ -64,7 +64,7 @@ def info_cmd(
 @cache_app.command("export")
 def export_cmd(
     path: Path = typer.Argument(..., help="A .zarr store written by `muse extract`."),
-    out: Path = typer.Option(None, help="Output file (default: the store path with .h5)."),
+    out: Path = typer.Option(None, help="Output file.", show_default="the store path with .h5"),
     format: str = typer.Option("hdf5", "--format", help="Only hdf5 for now."),
 ) -> None:
     """Write the same arrays (same names, attributes) to one HDF5 file."""
