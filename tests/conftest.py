@@ -98,7 +98,7 @@ def write_timed_video(
     times: list[float] | np.ndarray,
     *,
     indices: list[int] | None = None,
-    size: tuple[int, int] = (48, 32),
+    size: tuple[int, int] = (64, 32),
     codec: str = "libx264",
     rate: int = 1000,
     gop: int = 12,

@@ -26,7 +26,6 @@ differently, is handled by the PyAV path with a warning, so both backends return
 
 from __future__ import annotations
 
-import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -106,7 +105,8 @@ def _short_detail(err: BaseException) -> str:
     # decord: "[12:00:01] /github/.../video_reader.cc:151: ERROR opening: /x.mp4, Invalid data ..."
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("Stack trace", "  ["))]
     text = lines[0] if lines else ""
-    text = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text)
+    text = re.sub(r"^(\[[^\]]*\]\s*)+", "", text)  # "[12:00:01] ", "[/path/x.mp4] "
+    text = re.sub(r"^\S+\.(cc|h|cpp):\d+:\s*", "", text)  # "src/video/video_reader.cc:151: "
     if "," in text and ("ERROR" in text or "/" in text.split(",")[0]):
         text = text.rsplit(",", 1)[-1]
     # PyAV: "[Errno 1094995529] Invalid data found when processing input: '/x.mp4'"
@@ -513,11 +513,7 @@ def decode_decord_report(
     # Checked against the container's own packets (a demux pass, no decoding): where they differ
     # (a file cut short, packets without timestamps) decord silently repeats frames at the end.
     packets = _pyav_timeline(path, [])
-    if (
-        len(packets.times) != n_frames
-        or np.abs(packets.times - frame_times).max() > TIME_TOLERANCE
-        or _short_file_note(packets)
-    ):
+    if len(packets.times) != n_frames or np.abs(packets.times - frame_times).max() > TIME_TOLERANCE:
         return fallback("indexes this file differently from its packets")
     duration = video_duration(frame_times, float(stops[-1] - frame_times[-1]))
     times = clip_sample_times(duration, max_frames, start, end)
@@ -547,7 +543,7 @@ def decode_decord_report(
     else:
         turns = steps
     frames = np.stack([_upright(np.ascontiguousarray(got[i], dtype=np.uint8), turns) for i in indices.tolist()])
-    return DecodedClip(frames=frames, times=times, warnings=[])
+    return DecodedClip(frames=frames, times=times, warnings=_short_file_note(packets))
 
 
 def decode_decord(

@@ -59,8 +59,10 @@ def sample_times(
     if fps <= 0:
         raise ValueError(f"sampling fps must be > 0, got {fps!r}")
     lo, hi = clamp_window(duration, start, end)
-    # Count of k >= 0 with lo + k/fps < hi; the epsilon keeps an exact end out (half-open window).
-    count = max(1, math.ceil((hi - lo) * fps - _EPS))
+    # Count of k >= 0 with lo + k/fps < hi - TIME_TOLERANCE: half-open window, and a sample needs
+    # more than the tolerance before the end, so that containers that round the last frame's
+    # duration differently (decord's FFmpeg 4 and PyAV's FFmpeg 8 on one file) agree.
+    count = max(1, math.ceil((hi - lo - TIME_TOLERANCE) * fps - _EPS))
     return lo + np.arange(count, dtype=np.float64) / fps
 
 
