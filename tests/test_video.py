@@ -262,7 +262,9 @@ def _literal_times(duration, max_frames, start=None, end=None):
     return np.array(_reference_times(duration, max_frames, start, end))
 
 
-def _check_against_truth(path, duration, max_frames, make_video, start=None, end=None, **pyav_kwargs):
+def _check_against_truth(
+    path, duration, max_frames, make_video, start=None, end=None, decord_itself=True, **pyav_kwargs
+):
     truth = _ground_truth(path)
     times = _literal_times(duration, max_frames, start, end)
     want = _expected_indices(truth, times)
@@ -271,7 +273,8 @@ def _check_against_truth(path, duration, max_frames, make_video, start=None, end
         clip = decode_clip_report(path, max_frames, start, end, backend=backend)
         np.testing.assert_allclose(clip.times, times, atol=1e-6, err_msg=backend)
         assert _decoded_indices(make_video, clip.frames) == want, backend
-        assert not any(w.startswith("decord") for w in clip.warnings), clip.warnings  # decord itself
+        if decord_itself:  # decord decoded, no PyAV stand-in
+            assert not any(w.startswith("decord") for w in clip.warnings), clip.warnings
         clips[backend] = clip
     if pyav_kwargs:
         clip = decode_pyav_report(path, max_frames, start, end, **pyav_kwargs)
@@ -295,9 +298,15 @@ def timed(tmp_path_factory, timed_video):
             timed_video(d / "open_gop.mp4", [k / 30 for k in range(300)], gop=24, bframes=3, open_gop=True),
             10.0,
         ),
-        # 2400 frames, 80 s, keyframe every 250: past SEEK_MIN_FRAMES, so the default path seeks
+        # 2400 frames, 80 s, open GOPs of 250: past SEEK_MIN_FRAMES, so the default path seeks
         "long_gop": (
-            timed_video(d / "long_gop.mp4", [k / 30 for k in range(2400)], gop=250, bframes=2, size=(64, 16)),
+            timed_video(
+                d / "long_gop.mp4", [k / 30 for k in range(2400)], gop=250, bframes=2, open_gop=True, size=(64, 16)
+            ),
+            80.0,
+        ),
+        "long_closed_gop": (
+            timed_video(d / "long_closed.mp4", [k / 30 for k in range(2400)], gop=250, bframes=2, size=(64, 16)),
             80.0,
         ),
         "long_mjpeg": (
@@ -328,11 +337,16 @@ def test_open_gop_b_frames_sequential_and_seeking(timed, make_video):
     _check_against_truth(path, duration, 12, make_video, start=0.51, end=7.3, seek=True)
 
 
-@pytest.mark.parametrize("name", ["long_gop", "long_mjpeg"])
+@pytest.mark.parametrize("name", ["long_gop", "long_closed_gop", "long_mjpeg"])
 def test_long_videos_seek_to_the_right_frames(timed, make_video, name):
     path, duration = timed[name]
-    _check_against_truth(path, duration, 64, make_video, seek=False)
-    _check_against_truth(path, duration, 12, make_video, start=33.3, end=75.0)
+    # decord's own seeks land a frame off in open GOPs (measured: 1501 for 1500): PyAV stands in
+    decord_ok = name != "long_gop"
+    _check_against_truth(path, duration, 64, make_video, decord_itself=decord_ok, seek=False)
+    _check_against_truth(path, duration, 12, make_video, start=33.3, end=75.0, decord_itself=decord_ok)
+    if not decord_ok:
+        clip = decode_clip_report(path, 12, backend="decord")
+        assert clip.warnings == ["decord cannot seek accurately in this file (open GOPs); decoded with PyAV"]
 
 
 def _patch_avi_frame_count(path, count):

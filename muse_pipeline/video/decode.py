@@ -115,6 +115,24 @@ def _short_detail(err: BaseException) -> str:
     return text[:120] or type(err).__name__
 
 
+_DECORD_REASONS = (
+    ("size must exactly match", "copies frames of this size out wrongly (a decord 0.6 bug)"),
+    ("Error sending packet", "met invalid data in the stream"),
+    ("Invalid data", "met invalid data in the stream"),
+    ("Failed to measure duration", "cannot index it (no duration or frame count it can measure)"),
+    ("av_read_frame failed", "cannot read all of its packets"),
+)
+
+
+def _decord_reason(err: BaseException) -> str:
+    """decord's errors are C++ log lines; say what they mean instead."""
+    text = str(err)
+    for needle, reason in _DECORD_REASONS:
+        if needle in text:
+            return reason
+    return _short_detail(err)
+
+
 def _open_failure(path: Path, err: BaseException) -> DecodeError:
     detail = _short_detail(err)
     kind = _sniff_container(path)
@@ -230,23 +248,21 @@ def _decoded_timeline(container, stream, notes: list[str]) -> _Timeline:
 
 
 def _frames(container, stream, notes: list[str]) -> Iterator:
-    """Decoded frames in presentation order; a packet that fails to decode is skipped, not fatal."""
+    """Decoded frames in presentation order; a packet that fails to decode is skipped, not fatal.
+
+    A container that cannot be read on (damaged structure) ends the frames with a note.
+    """
     import av
 
-    bad = 0
     try:
         for packet in container.demux(stream):
             try:
                 frames = packet.decode()
             except (av.FFmpegError, OSError):
-                bad += 1
-                continue
+                continue  # damaged data: the picker substitutes around the frames it loses
             yield from frames
     except (av.FFmpegError, OSError) as err:
         notes.append(f"reading stopped early ({_short_detail(err)})")
-    finally:
-        if bad:
-            notes.append(f"{bad} packet(s) failed to decode")
 
 
 class _Picker:
@@ -437,6 +453,7 @@ def decode_pyav_report(
     if picker.pending or not picker.got:
         raise DecodeError(path, "no decodable video frame")
     warnings = _substitution_notes(times, wanted, picker.got, timeline) + _short_file_note(timeline)
+    warnings += sorted(set(notes))
     frames = np.stack([picker.got[w][1] for w in wanted.tolist()])
     return DecodedClip(frames=frames, times=times, warnings=warnings)
 
@@ -502,7 +519,7 @@ def decode_decord_report(
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except Exception as err:  # noqa: BLE001  decord raises RuntimeError or DECORDError (an Exception)
-        return fallback(f"could not open the file ({_short_detail(err)})")
+        return fallback(f"could not open the file: {_decord_reason(err)}")
     n_frames = len(reader)
     if n_frames < 1:
         return fallback("found no frames")
@@ -519,6 +536,13 @@ def decode_decord_report(
     times = clip_sample_times(duration, max_frames, start, end)
     indices = displayed_frames(frame_times, times)
     unique = sorted(set(indices.tolist()))
+    if unique[-1] >= SEEK_MIN_FRAMES:
+        # decord numbers keyframes in decode order but frames in presentation order; where the two
+        # differ (open GOPs: leading B-frames come after their keyframe) its seeks land off by a
+        # frame or more. Trust them only where every keyframe has the same number both ways.
+        key_positions = np.searchsorted(packets.pts, packets.keyframes)
+        if not np.array_equal(np.asarray(reader.get_key_indices()), key_positions):
+            return fallback("cannot seek accurately in this file (open GOPs)")
     try:
         if unique[-1] < SEEK_MIN_FRAMES:
             got = {}
@@ -532,7 +556,7 @@ def decode_decord_report(
             batch = reader.get_batch(unique).asnumpy()
             got = dict(zip(unique, batch, strict=True))
     except Exception as err:  # noqa: BLE001  corrupt data mid-stream, or decord's copy-out bugs
-        return fallback(f"failed while decoding ({_short_detail(err)})")
+        return fallback(f"failed while decoding: {_decord_reason(err)}")
     shapes = {frame.shape for frame in got.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
         # decord 0.6 copies some frame sizes out wrongly (e.g. 48x80 comes back with 4 channels)

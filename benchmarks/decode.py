@@ -1,0 +1,112 @@
+"""Sampled decode of a long video vs decoding the whole file (issue 7: timestamp sampling must not
+cost a full decode).
+
+Writes (once, cached in --work) a synthetic 10-minute 320x240 30 fps libx264 clip (keyframe every
+250 frames, B-frames) and times, in one process:
+- the baseline: a full decode of every frame. With the ffmpeg CLI installed, `ffmpeg -f null`;
+  otherwise PyAV decoding every frame without colour conversion (the same libavcodec work).
+- `decode_clip` at 12 and 64 sampled frames with each backend (seeks to the keyframe before each
+  sample), and the PyAV backend forced to decode sequentially (what sampling costs without seeks).
+
+    python benchmarks/decode.py [--minutes 10] [--repeats 3] [--work /tmp/muse-bench-decode]
+
+Prints a markdown table: best-of-repeats seconds and the share of the full decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_clip(path: Path, minutes: float, width: int = 320, height: int = 240, fps: int = 30) -> Path:
+    """Moving gradient + frame counter bars, so the encoder has real motion to code."""
+    import av
+
+    if path.exists():
+        return path
+    n = int(minutes * 60 * fps)
+    yy, xx = np.mgrid[0:height, 0:width]
+    tmp = path.with_suffix(".part.mp4")
+    with av.open(str(tmp), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "23", "x264-params": "keyint=250:bframes=2"}
+        for i in range(n):
+            img = np.empty((height, width, 3), np.uint8)
+            img[..., 0] = (xx + 2 * i) % 256
+            img[..., 1] = (yy + i) % 256
+            img[..., 2] = (xx + yy + 3 * i) % 256
+            img[: height // 8, : (i % width)] = 255
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.rename(path)
+    return path
+
+
+def full_decode_pyav(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    from muse_pipeline.video.decode import decode_clip, decode_pyav
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/muse-bench-decode"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = make_clip(args.work / f"clip_{args.minutes:g}min_320x240_30fps.mp4", args.minutes)
+
+    rows = []
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg:
+        cmd = [ffmpeg, "-v", "error", "-i", str(path), "-f", "null", "-"]
+        base_name = "full decode: `ffmpeg -f null` (every frame)"
+        base = best_of(lambda: subprocess.run(cmd, check=True), args.repeats)
+    else:
+        base_name = "full decode: PyAV, every frame, no RGB conversion (ffmpeg CLI not installed)"
+        base = best_of(lambda: full_decode_pyav(path), args.repeats)
+    rows.append((base_name, "all", base))
+    for frames in (12, 64):
+        for backend in ("pyav", "decord"):
+            seconds = best_of(lambda b=backend, f=frames: decode_clip(path, f, backend=b), args.repeats)
+            rows.append((f"decode_clip, {backend} (seeks)", str(frames), seconds))
+    seconds = best_of(lambda: decode_pyav(path, 64, seek=False), 1)
+    rows.append(("decode_clip, pyav forced sequential (seek=False)", "64", seconds))
+
+    print(f"\nclip: {path.name} ({path.stat().st_size / 2**20:.1f} MiB), "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}, best of {args.repeats}\n")
+    print("| method | sampled frames | seconds | share of full decode |")
+    print("|---|---:|---:|---:|")
+    for name, frames, seconds in rows:
+        print(f"| {name} | {frames} | {seconds:.2f} | {seconds / base:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
