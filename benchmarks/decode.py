@@ -6,7 +6,8 @@ Writes (once, cached in --work) a synthetic 10-minute 320x240 30 fps libx264 cli
 - the baseline: a full decode of every frame. With the ffmpeg CLI installed, `ffmpeg -f null`;
   otherwise PyAV decoding every frame without colour conversion (the same libavcodec work).
 - `decode_clip` at 12 and 64 sampled frames with each backend (seeks to the keyframe before each
-  sample), and the PyAV backend forced to decode sequentially (what sampling costs without seeks).
+  sample), the PyAV backend forced to decode sequentially (what sampling costs without seeks), and
+  the old index x average-fps path (loaded from git history, commit LEGACY_COMMIT) for comparison.
 
     python benchmarks/decode.py [--minutes 10] [--repeats 3] [--work /tmp/muse-bench-decode]
 
@@ -55,6 +56,34 @@ def make_clip(path: Path, minutes: float, width: int = 320, height: int = 240, f
     return path
 
 
+LEGACY_COMMIT = "12a4831"  # the last commit that picked frames by index x average frame rate
+
+
+def load_legacy_decoder():
+    """The old `decode_clip` (index x average fps, its own keyframe seeking) from git history, or None."""
+    import sys
+    import types
+
+    repo = Path(__file__).resolve().parents[1]
+    sources = {}
+    for name in ("sampling", "decode"):
+        try:
+            sources[name] = subprocess.run(
+                ["git", "-C", str(repo), "show", f"{LEGACY_COMMIT}:muse_pipeline/video/{name}.py"],
+                check=True, capture_output=True, text=True,
+            ).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    modules = {}
+    for name in ("sampling", "decode"):
+        module = types.ModuleType(f"legacy_{name}")
+        sys.modules[module.__name__] = module
+        code = sources[name].replace("muse_pipeline.video.sampling", "legacy_sampling")
+        exec(compile(code, f"{LEGACY_COMMIT}:{name}.py", "exec"), module.__dict__)  # noqa: S102
+        modules[name] = module
+    return modules["decode"].decode_clip
+
+
 def full_decode_pyav(path: Path) -> int:
     import av
 
@@ -98,6 +127,11 @@ def main() -> None:
             rows.append((f"decode_clip, {backend} (seeks)", str(frames), seconds))
     seconds = best_of(lambda: decode_pyav(path, 64, seek=False), 1)
     rows.append(("decode_clip, pyav forced sequential (seek=False)", "64", seconds))
+    legacy = load_legacy_decoder()
+    if legacy is not None:
+        for frames in (12, 64):
+            seconds = best_of(lambda f=frames: legacy(path, f), args.repeats)
+            rows.append((f"old index x fps path ({LEGACY_COMMIT}), pyav", str(frames), seconds))
 
     print(f"\nclip: {path.name} ({path.stat().st_size / 2**20:.1f} MiB), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

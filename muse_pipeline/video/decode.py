@@ -247,15 +247,26 @@ def _decoded_timeline(container, stream, notes: list[str]) -> _Timeline:
 # ------------------------------------------------------------------------------------- decode
 
 
-def _frames(container, stream, notes: list[str]) -> Iterator:
+def _frames(container, stream, notes: list[str], skip_below: Callable[[], int | None] | None = None) -> Iterator:
     """Decoded frames in presentation order; a packet that fails to decode is skipped, not fatal.
 
     A container that cannot be read on (damaged structure) ends the frames with a note.
+    `skip_below()`: a pts; packets before it are decoded only if other frames reference them
+    (FFmpeg's skip_frame=NONREF), which is exact for every later frame and saves the B-frames a
+    seek has to decode through.
     """
     import av
 
+    context = stream.codec_context
+    skipping = False
     try:
         for packet in container.demux(stream):
+            if skip_below is not None:
+                below = skip_below()
+                skip = below is not None and packet.pts is not None and packet.pts < below
+                if skip != skipping:
+                    context.skip_frame = "NONREF" if skip else "DEFAULT"
+                    skipping = skip
             try:
                 frames = packet.decode()
             except (av.FFmpegError, OSError):
@@ -263,6 +274,9 @@ def _frames(container, stream, notes: list[str]) -> Iterator:
             yield from frames
     except (av.FFmpegError, OSError) as err:
         notes.append(f"reading stopped early ({_short_detail(err)})")
+    finally:
+        if skipping:
+            context.skip_frame = "DEFAULT"
 
 
 class _Picker:
@@ -330,6 +344,10 @@ def _decode_seeking(container, stream, keyframes: np.ndarray, picker: _Picker, n
     """
     frames: Iterator | None = None
     last: int | None = None
+
+    def skip_below() -> int | None:
+        return picker.pending[0] if picker.pending else None
+
     while picker.pending:
         target = picker.pending[0]
         j = max(int(np.searchsorted(keyframes, target, side="right")) - 1, 0)
@@ -343,7 +361,7 @@ def _decode_seeking(container, stream, keyframes: np.ndarray, picker: _Picker, n
                     container.seek(0)
                 else:
                     container.seek(floor, stream=stream, backward=True, any_frame=False)
-                frames = _frames(container, stream, notes)
+                frames = _frames(container, stream, notes, skip_below)
                 first = next((f for f in frames if (p := _frame_pts(f)) is not None and (floor is None or p >= floor)), None)
                 if first is None or _frame_pts(first) <= target:
                     break
