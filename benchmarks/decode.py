@@ -9,9 +9,11 @@ Writes (once, cached in --work) a synthetic 10-minute 320x240 30 fps libx264 cli
   sample), the PyAV backend forced to decode sequentially (what sampling costs without seeks), and
   the old index x average-fps path (loaded from git history, commit LEGACY_COMMIT) for comparison.
 
-    python benchmarks/decode.py [--minutes 10] [--repeats 3] [--work /tmp/muse-bench-decode]
+    python benchmarks/decode.py [--minutes 10] [--keyint 250] [--repeats 3] [--short-videos 32]
+                                [--work /tmp/muse-bench-decode]
 
-Prints a markdown table: best-of-repeats seconds and the share of the full decode.
+Prints markdown tables: best-of-repeats seconds and the share of the full decode; then the same
+decoders on short synthetic clips (where everything is decoded sequentially).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 
-def make_clip(path: Path, minutes: float, width: int = 320, height: int = 240, fps: int = 30) -> Path:
+def make_clip(
+    path: Path, minutes: float, keyint: int = 250, width: int = 320, height: int = 240, fps: int = 30
+) -> Path:
     """Moving gradient + frame counter bars, so the encoder has real motion to code."""
     import av
 
@@ -39,7 +43,7 @@ def make_clip(path: Path, minutes: float, width: int = 320, height: int = 240, f
     with av.open(str(tmp), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23", "x264-params": "keyint=250:bframes=2"}
+        stream.options = {"preset": "veryfast", "crf": "23", "x264-params": f"keyint={keyint}:bframes=2"}
         for i in range(n):
             img = np.empty((height, width, 3), np.uint8)
             img[..., 0] = (xx + 2 * i) % 256
@@ -106,10 +110,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keyint", type=int, default=250, help="keyframe interval (x264's default: 250)")
+    parser.add_argument("--short-videos", type=int, default=32, help="short synthetic clips for a second table")
     parser.add_argument("--work", type=Path, default=Path("/tmp/muse-bench-decode"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    path = make_clip(args.work / f"clip_{args.minutes:g}min_320x240_30fps.mp4", args.minutes)
+    name = f"clip_{args.minutes:g}min_320x240_30fps_keyint{args.keyint}.mp4"
+    path = make_clip(args.work / name, args.minutes, args.keyint)
 
     rows = []
     ffmpeg = shutil.which("ffmpeg")
@@ -138,8 +145,30 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.2f}, best of {args.repeats}\n")
     print("| method | sampled frames | seconds | share of full decode |")
     print("|---|---:|---:|---:|")
-    for name, frames, seconds in rows:
-        print(f"| {name} | {frames} | {seconds:.2f} | {seconds / base:.1%} |")
+    for method, frames, seconds in rows:
+        print(f"| {method} | {frames} | {seconds:.2f} | {seconds / base:.1%} |")
+    if args.short_videos:
+        short_clips(args.work, args.short_videos, args.repeats, legacy)
+
+
+def short_clips(work: Path, n_videos: int, repeats: int, legacy) -> None:
+    """Short clips (the synthetic set, 0.6-6 s): sequential decoding; the cost of the packet pass."""
+    from muse_pipeline.data.synthetic import generate_synthetic
+    from muse_pipeline.video.decode import decode_clip
+
+    root = generate_synthetic(work / f"synthetic{n_videos}", n_videos=n_videos, seed=0)
+    paths = sorted((root / "videos").glob("*.mp4"))
+    rows = [
+        (f"decode_clip, {backend}", best_of(lambda b=backend: [decode_clip(p, 12, backend=b) for p in paths], repeats))
+        for backend in ("pyav", "decord")
+    ]
+    if legacy is not None:
+        rows.append((f"old index x fps path ({LEGACY_COMMIT}), pyav", best_of(lambda: [legacy(p, 12) for p in paths], repeats)))
+    print(f"\n{len(paths)} short synthetic clips (0.6-6 s, 64-160 px), 12 frames each, best of {repeats}\n")
+    print("| method | seconds | ms per video |")
+    print("|---|---:|---:|")
+    for method, seconds in rows:
+        print(f"| {method} | {seconds:.2f} | {1000 * seconds / len(paths):.1f} |")
 
 
 if __name__ == "__main__":
