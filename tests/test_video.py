@@ -410,14 +410,26 @@ def test_display_rotation_makes_frames_upright(tmp_path, timed_video, make_video
     np.testing.assert_array_equal(decode_clip(path, 12), np.rot90(raw, turns, axes=(1, 2)))
 
 
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_audio_only_file_is_a_decode_error(tmp_path, backend):
-    import av
+def _write_audio_file(path, cover_art):
+    """A short silent audio file; `cover_art` adds a PNG as an attached picture (a 'video' stream)."""
+    import io
 
-    path = tmp_path / "voice.mp4"
-    with av.open(str(path), "w") as container:
+    import av
+    from PIL import Image
+
+    with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("aac", rate=16000)
         stream.layout = "mono"
+        if cover_art:
+            png = io.BytesIO()
+            Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(png, format="PNG")
+            cover = container.add_stream("png", rate=1)
+            cover.width, cover.height, cover.pix_fmt = 32, 32, "rgb24"
+            cover.disposition = av.stream.Disposition.attached_pic
+            cover.time_base = Fraction(1, 90000)
+            packet = av.Packet(png.getvalue())
+            packet.stream, packet.pts, packet.dts, packet.time_base = cover, 0, 0, Fraction(1, 90000)
+            container.mux(packet)
         for i in range(20):
             frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
             frame.sample_rate, frame.pts = 16000, i * 1024
@@ -425,6 +437,13 @@ def test_audio_only_file_is_a_decode_error(tmp_path, backend):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("cover_art", [False, True])
+def test_audio_only_file_is_a_decode_error(tmp_path, backend, cover_art):
+    path = _write_audio_file(tmp_path / "song.m4a", cover_art)
     with pytest.raises(DecodeError) as info:
         decode_clip(path, 12, backend=backend)
     assert info.value.reason == "no video stream (audio only)"

@@ -415,11 +415,13 @@ def _open_pyav(path: Path):
         container = av.open(str(path))
     except Exception as err:  # noqa: BLE001  any FFmpeg/OS error means the file is unusable
         raise _open_failure(path, err) from err
-    if not container.streams.video:
+    # An attached picture (the cover art of a song or podcast) is a "video" stream of one image.
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
         audio = bool(container.streams.audio)
         container.close()
         raise DecodeError(path, "no video stream (audio only)" if audio else "no video stream")
-    return container, container.streams.video[0]
+    return container, videos[0]
 
 
 def _pyav_timeline(path: Path, notes: list[str]) -> _Timeline:
