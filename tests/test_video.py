@@ -349,6 +349,46 @@ def test_long_videos_seek_to_the_right_frames(timed, make_video, name):
         assert clip.warnings == ["decord cannot seek accurately in this file (open GOPs); decoded with PyAV"]
 
 
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("raw.h264", {"bframes": 2}),  # an elementary stream: no timestamps at all
+        ("bframes.avi", {"bframes": 2}),  # AVI stores no pts: the demuxer's are decode-order numbers
+        ("open_gop.ts", {"bframes": 2, "open_gop": True}),  # decord seeks by bytes here
+        ("mpeg2.mpg", {"codec": "mpeg2video"}),
+        ("vp9.webm", {"codec": "libvpx-vp9"}),
+    ],
+)
+def test_other_containers_and_streams_without_usable_timestamps(tmp_path, timed_video, make_video, name, options):
+    path = timed_video(tmp_path / name, [k / 25 for k in range(150)], rate=25, **options)  # 6 s
+    for window, times in (((None, None), [0.0, 1.0, 3.0, 5.0]), ((1.3, 4.9), [1.3, 2.3, 3.3, 4.3])):
+        want = [int(t * 25 + 1e-9) for t in times]  # as written: frame k is on screen from k / 25 s
+        for backend in BACKEND_NAMES:
+            clip = decode_clip_report(path, 4, *window, backend=backend)
+            np.testing.assert_allclose(clip.times, times, atol=1e-9, err_msg=backend)
+            assert _decoded_indices(make_video, clip.frames) == want, (backend, clip.warnings)
+            assert not [w for w in clip.warnings if not w.startswith("decord")], clip.warnings
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("long.ts", {"bframes": 2, "open_gop": True, "gop": 250}),  # seeks by bytes: lands late
+        ("long.mpg", {"codec": "mpeg2video", "gop": 15}),  # FFmpeg's PS muxer repeats a pts
+    ],
+)
+def test_long_mpeg_ts_and_ps(tmp_path, timed_video, make_video, name, options):
+    path = timed_video(tmp_path / name, [k / 25 for k in range(2500)], rate=25, size=(64, 16), **options)  # 100 s
+    times = _literal_times(100.0, 64)
+    want = [int(t * 25 + 1e-9) for t in times]  # as written
+    for backend in BACKEND_NAMES:
+        clip = decode_clip_report(path, 64, backend=backend)
+        np.testing.assert_allclose(clip.times, times, atol=1e-9)
+        assert _decoded_indices(make_video, clip.frames) == want, backend
+    for seek in (False, True):
+        assert _decoded_indices(make_video, decode_pyav(path, 64, seek=seek)) == want, seek
+
+
 def _patch_avi_frame_count(path, count):
     """Overwrite the frame count the AVI header declares (avih TotalFrames, strh Length)."""
     data = bytearray(path.read_bytes())

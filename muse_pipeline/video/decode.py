@@ -177,6 +177,8 @@ class _Timeline:
     keyframes: int64 [k] sorted pts of the keyframes (empty: cannot seek)
     duration:  seconds the video plays (end of its last frame)
     declared:  seconds the header declares, or None
+    by_position: `pts` are the frames' positions in a sequential decode (streams without usable
+               timestamps): such a stream is only ever decoded sequentially
     """
 
     pts: np.ndarray
@@ -184,6 +186,7 @@ class _Timeline:
     keyframes: np.ndarray
     duration: float
     declared: float | None
+    by_position: bool = False
 
 
 def _declared_seconds(container, stream) -> float | None:
@@ -209,7 +212,8 @@ def _make_timeline(pts, keys, last_duration, stream, container) -> _Timeline:
 
 
 def _packet_timeline(container, stream) -> _Timeline | None:
-    """One demux pass (no decoding). None when some packet has no pts (then decode to learn them)."""
+    """One demux pass (no decoding). None when some packet has no pts or two share one (then the
+    decoder's timestamps are used, `_decoded_timeline`)."""
     import av
 
     pts: list[int] = []
@@ -229,19 +233,49 @@ def _packet_timeline(container, stream) -> _Timeline | None:
                 keys.append(packet.pts)
     except (av.FFmpegError, OSError):
         pass  # a damaged tail ends the index: what was read is what the file holds
-    if not pts:
-        return None
+    if not pts or len(durations) < len(pts):
+        return None  # duplicate pts (seen in MPEG-PS): frames cannot be told apart by timestamp
     return _make_timeline(pts, keys, durations[max(pts)], stream, container)
 
 
 def _decoded_timeline(container, stream, notes: list[str]) -> _Timeline:
-    """Timestamps from a full decode, for streams whose packets carry none (raw elementary streams)."""
-    pts: list[int] = []
-    for position, frame in enumerate(_frames(container, stream, notes)):
-        pts.append(frame.pts if frame.pts is not None else position)
+    """Presentation times from a full decode, for streams whose packets carry no usable pts.
+
+    Raw elementary streams (.h264) have none; AVI stores none, and with B-frames the demuxer's
+    are decode-order numbers. Like ffmpeg's best-effort timestamp: the decoded frames' pts if they
+    increase, else their dts if those do, else frame n at n / the stream's frame rate. Times count
+    from the first frame (a dts carries the decoder's reordering delay).
+    """
+    pts: list[int | None] = []
+    dts: list[int | None] = []
+    for frame in _frames(container, stream, notes):
+        pts.append(frame.pts)
+        dts.append(frame.dts)
     if not pts:
         raise DecodeError(container.name, "no decodable video frame")
-    return _make_timeline(pts, [], None, stream, container)
+
+    def increasing(ticks: list[int | None]) -> bool:
+        return all(t is not None for t in ticks) and all(b > a for a, b in zip(ticks, ticks[1:], strict=False))
+
+    ticks = pts if increasing(pts) else dts if increasing(dts) else None
+    if ticks is not None:
+        times = (np.asarray(ticks, dtype=np.int64) - ticks[0]).astype(np.float64) * float(stream.time_base)
+    else:
+        rate = stream.guessed_rate or stream.average_rate or 25
+        times = np.arange(len(pts), dtype=np.float64) / float(rate)
+    return _Timeline(
+        pts=np.arange(len(pts), dtype=np.int64),
+        times=times,
+        keyframes=np.zeros(0, dtype=np.int64),
+        duration=video_duration(times),
+        declared=_declared_seconds(container, stream),
+        by_position=True,
+    )
+
+
+def _has_packet_pts(container, stream) -> bool:
+    """False where the demuxer's pts are not presentation times: AVI with B-frames."""
+    return not (container.format.name == "avi" and stream.codec_context.has_b_frames)
 
 
 # ------------------------------------------------------------------------------------- decode
@@ -287,12 +321,16 @@ class _Picker:
     `got[w] = (pts used, rgb)`.
     """
 
-    def __init__(self, wanted: list[int], convert: Callable[[object], np.ndarray]) -> None:
+    def __init__(
+        self, wanted: list[int], convert: Callable[[object], np.ndarray], known: set[int] | None = None
+    ) -> None:
         self.pending: deque[int] = deque(sorted(set(wanted)))
         self.got: dict[int, tuple[int, np.ndarray]] = {}
         self.convert = convert
         self.prev: tuple[int, object] | None = None
         self._rgb: dict[int, np.ndarray] = {}
+        self.known = known  # the timeline's pts: a decoded frame outside it means the timeline is wrong
+        self.unknown = 0
 
     def _keep(self, wanted: int, pts: int, frame) -> None:
         if pts not in self._rgb:
@@ -304,6 +342,8 @@ class _Picker:
         self.prev = None
 
     def feed(self, pts: int, frame) -> None:
+        if self.known is not None and pts not in self.known:
+            self.unknown += 1
         while self.pending and self.pending[0] < pts:
             w = self.pending.popleft()
             if self.prev is not None and w - self.prev[0] <= pts - w:
@@ -320,12 +360,13 @@ class _Picker:
 
 
 def _frame_pts(frame) -> int | None:
-    return frame.pts if frame.pts is not None else frame.dts
+    return frame.pts
 
 
-def _decode_sequential(container, stream, picker: _Picker, notes: list[str]) -> None:
-    for frame in _frames(container, stream, notes):
-        pts = _frame_pts(frame)
+def _decode_sequential(container, stream, picker: _Picker, notes: list[str], by_position: bool = False) -> None:
+    """Decode from the start; frames are known by pts, or by position for `_Timeline.by_position`."""
+    for position, frame in enumerate(_frames(container, stream, notes)):
+        pts = position if by_position else _frame_pts(frame)
         if pts is None:
             continue
         picker.feed(pts, frame)
@@ -344,10 +385,12 @@ def _decode_seeking(container, stream, keyframes: np.ndarray, picker: _Picker, n
     """
     frames: Iterator | None = None
     last: int | None = None
+    run_target = -1
 
     def skip_below() -> int | None:
         return picker.pending[0] if picker.pending else None
 
+    seeks_land = True  # False once the demuxer landed past a target even from 3 keyframes earlier
     while picker.pending:
         target = picker.pending[0]
         j = max(int(np.searchsorted(keyframes, target, side="right")) - 1, 0)
@@ -365,6 +408,8 @@ def _decode_seeking(container, stream, keyframes: np.ndarray, picker: _Picker, n
                 first = next((f for f in frames if (p := _frame_pts(f)) is not None and (floor is None or p >= floor)), None)
                 if first is None or _frame_pts(first) <= target:
                     break
+            seeks_land = seeks_land and floor is not None
+            run_target = target  # a run that started early must reach this target before it seeks again
             picker.reset()
             if first is None:  # nothing decodes from here on
                 break
@@ -379,8 +424,12 @@ def _decode_seeking(container, stream, keyframes: np.ndarray, picker: _Picker, n
             if not picker.pending:
                 return
             nxt = picker.pending[0]
-            if keyframes[max(int(np.searchsorted(keyframes, nxt, side="right")) - 1, 0)] > last:
-                break  # its keyframe lies ahead: seek there
+            if (
+                seeks_land
+                and nxt > run_target
+                and keyframes[max(int(np.searchsorted(keyframes, nxt, side="right")) - 1, 0)] > last
+            ):
+                break  # its keyframe lies ahead: seek there (else: decode on, seeking is not precise here)
         else:  # end of the stream: what is still pending gets the last frame
             picker.finish()
             return
@@ -427,7 +476,7 @@ def _open_pyav(path: Path):
 def _pyav_timeline(path: Path, notes: list[str]) -> _Timeline:
     container, stream = _open_pyav(path)
     with container:
-        timeline = _packet_timeline(container, stream)
+        timeline = _packet_timeline(container, stream) if _has_packet_pts(container, stream) else None
     if timeline is None:
         container, stream = _open_pyav(path)
         with container:
@@ -448,11 +497,33 @@ def decode_pyav_report(
     _check_file(path)
     notes: list[str] = []
     timeline = _pyav_timeline(path, notes)
+    clip, consistent = _pick_pyav(path, timeline, max_frames, start, end, seek, notes)
+    if not consistent:
+        # Decoded frames carry pts that no packet had: the demuxer's pts were guesses (MPEG-PS
+        # packs several frames per timestamp). The decoder's own timestamps decide instead.
+        notes.clear()
+        container, stream = _open_pyav(path)
+        with container:
+            timeline = _decoded_timeline(container, stream, notes)
+        clip, _ = _pick_pyav(path, timeline, max_frames, start, end, False, notes)
+    return clip
+
+
+def _pick_pyav(
+    path: Path,
+    timeline: _Timeline,
+    max_frames: int,
+    start: float | None,
+    end: float | None,
+    seek: bool | None,
+    notes: list[str],
+) -> tuple[DecodedClip, bool]:
+    """Decode the frames on screen at the sample times; False: the decoder contradicted `timeline`."""
     times = clip_sample_times(timeline.duration, max_frames, start, end)
     wanted = timeline.pts[displayed_frames(timeline.times, times)]
     position = int(np.searchsorted(timeline.pts, wanted.max()))
     use_seek = seek if seek is not None else position >= SEEK_MIN_FRAMES
-    use_seek = use_seek and len(timeline.keyframes) > 0
+    use_seek = use_seek and len(timeline.keyframes) > 0 and not timeline.by_position
 
     container, stream = _open_pyav(path)
     with container:
@@ -463,19 +534,22 @@ def decode_pyav_report(
             steps = _rotation_steps(rotation) if rotation else tag_steps
             return _upright(frame.to_ndarray(format="rgb24"), steps)
 
-        picker = _Picker(wanted.tolist(), convert)
+        known = None if timeline.by_position else set(timeline.pts.tolist())
+        picker = _Picker(wanted.tolist(), convert, known)
         if use_seek:
             _decode_seeking(container, stream, timeline.keyframes, picker, notes)
         if picker.pending or not use_seek:
             if use_seek:  # nothing decoded after a seek: one plain pass before giving up
                 container.seek(0)
-            _decode_sequential(container, stream, picker, notes)
+            _decode_sequential(container, stream, picker, notes, timeline.by_position)
+    if picker.unknown:
+        return DecodedClip(np.zeros((0, 0, 0, 3), np.uint8), times), False
     if picker.pending or not picker.got:
         raise DecodeError(path, "no decodable video frame")
     warnings = _substitution_notes(times, wanted, picker.got, timeline) + _short_file_note(timeline)
     warnings += sorted(set(notes))
     frames = np.stack([picker.got[w][1] for w in wanted.tolist()])
-    return DecodedClip(frames=frames, times=times, warnings=warnings)
+    return DecodedClip(frames=frames, times=times, warnings=warnings), True
 
 
 def decode_pyav(
@@ -493,25 +567,39 @@ def decode_pyav(
 # ------------------------------------------------------------------------------------- decord
 
 
-def _pyav_orientation(path: Path) -> tuple[int, np.ndarray | None]:
-    """(quarter turns that make the video upright, its first frame as decoded, not turned)."""
+# Containers whose seeking is index-based, so that decord's seek + sequential decode starts where
+# it thinks it does; in MPEG-TS/PS it seeks by byte position and was measured to start 12 frames late.
+_DECORD_CONTAINERS = ("mov", "mp4", "matroska", "webm", "avi", "flv")
+
+
+def _pyav_probe(path: Path) -> tuple[str, int, np.ndarray | None]:
+    """(container format, quarter turns that make the video upright, its first frame not turned)."""
     container, stream = _open_pyav(path)
     with container:
+        formats = container.format.name
         tag_steps = _rotation_steps(_tag_rotation(stream))
         for frame in _frames(container, stream, []):
             steps = _rotation_steps(frame.rotation) if frame.rotation else tag_steps
-            return steps, frame.to_ndarray(format="rgb24")
-    return tag_steps, None
+            return formats, steps, frame.to_ndarray(format="rgb24")
+    return formats, tag_steps, None
 
 
-def _decord_turns(decord_first: np.ndarray, pyav_first: np.ndarray) -> int:
-    """Quarter turns decord applied itself (its bundled FFmpeg reads rotation differently)."""
+def _decord_turns(decord_first: np.ndarray, pyav_first: np.ndarray) -> tuple[int, float]:
+    """Quarter turns decord applied itself (its bundled FFmpeg reads rotation differently), and the
+    mean pixel difference of its first frame from PyAV's after that turn."""
     errors = {}
     for k in range(4):
         turned = np.rot90(pyav_first, k)
         if turned.shape == decord_first.shape:
             errors[k] = float(np.abs(turned.astype(np.int16) - decord_first.astype(np.int16)).mean())
-    return min(errors, key=errors.get) if errors else 0
+    if not errors:
+        return 0, float("inf")
+    k = min(errors, key=errors.get)
+    return k, errors[k]
+
+
+# decord's and PyAV's colour conversions of one frame differ by < 1 grey level on average.
+_SAME_FRAME_MAX_DIFF = 3.0
 
 
 def decode_decord_report(
@@ -529,13 +617,15 @@ def decode_decord_report(
 
     path = Path(path)
     _check_file(path)
-    steps, pyav_first = _pyav_orientation(path)  # also raises the short reasons (not a video, ...)
+    formats, steps, pyav_first = _pyav_probe(path)  # also raises the short reasons (not a video, ...)
 
     def fallback(why: str) -> DecodedClip:
         clip = decode_pyav_report(path, max_frames, start, end)
         clip.warnings.insert(0, f"decord {why}; decoded with PyAV")
         return clip
 
+    if not any(name in formats.split(",") for name in _DECORD_CONTAINERS):
+        return fallback(f"cannot seek accurately in this container ({formats})")
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except Exception as err:  # noqa: BLE001  decord raises RuntimeError or DECORDError (an Exception)
@@ -581,11 +671,15 @@ def decode_decord_report(
     if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
         # decord 0.6 copies some frame sizes out wrongly (e.g. 48x80 comes back with 4 channels)
         return fallback(f"returned malformed frames {sorted(shapes)}")
+    turns = steps
     if pyav_first is not None:
+        # decord's frame 0 must be the stream's first frame: a cheap check that its reading starts
+        # where its numbering says, and the way to learn the rotation decord applied itself.
         first = got[unique[0]] if unique[0] == 0 else reader[0].asnumpy()
-        turns = (steps - _decord_turns(first, pyav_first)) % 4
-    else:
-        turns = steps
+        applied, diff = _decord_turns(first, pyav_first)
+        if diff > _SAME_FRAME_MAX_DIFF:
+            return fallback("does not start at the stream's first frame")
+        turns = (steps - applied) % 4
     frames = np.stack([_upright(np.ascontiguousarray(got[i], dtype=np.uint8), turns) for i in indices.tolist()])
     return DecodedClip(frames=frames, times=times, warnings=_short_file_note(packets))
 
