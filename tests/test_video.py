@@ -225,12 +225,23 @@ def test_decode_clip_rejects_bad_arguments(videos):
 # ------------------------------------------------- real-world timing: ground truth by full decode
 
 
+_TRUTH_CACHE: dict = {}
+
+
 def _ground_truth(path):
     """Independent full sequential decode: [(Fraction seconds from stream start, index shown, rgb)].
 
     Every packet is decoded in file order; one that fails is skipped (damaged files). Not the code
-    under test: plain PyAV, exact rational times.
+    under test: plain PyAV, exact rational times. Cached per file version (the long videos).
     """
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _TRUTH_CACHE:
+        _TRUTH_CACHE[key] = _decode_everything(path)
+    return _TRUTH_CACHE[key]
+
+
+def _decode_everything(path):
     import av
     from conftest import VideoMaker
 
