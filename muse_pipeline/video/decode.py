@@ -607,8 +607,11 @@ def decode_decord_report(
 ) -> DecodedClip:
     """decord backend of `decode_clip_report`: decord's own timestamps pick the frames.
 
-    Short clips are read sequentially (decord's frame-counting seeks can land on the wrong frame);
-    past SEEK_MIN_FRAMES frames its accurate seek, which checks the keyframe it lands on by pts.
+    Checked first against PyAV's packet pass (same count and times), its first frame against
+    PyAV's (which also tells the rotation decord applied itself). Short clips are read sequentially
+    (decord's frame-counting seeks can land on the wrong frame); past SEEK_MIN_FRAMES frames its
+    accurate seek, only where its keyframe numbering matches the stream's. Anything else: PyAV
+    decodes, and the first warning says why.
     """
     try:
         import decord
@@ -640,6 +643,8 @@ def decode_decord_report(
     # Checked against the container's own packets (a demux pass, no decoding): where they differ
     # (a file cut short, packets without timestamps) decord silently repeats frames at the end.
     packets = _pyav_timeline(path, [])
+    if packets.by_position:
+        return fallback("cannot be checked: the packets carry no usable timestamps")
     if len(packets.times) != n_frames or np.abs(packets.times - frame_times).max() > TIME_TOLERANCE:
         return fallback("indexes this file differently from its packets")
     duration = video_duration(frame_times, float(stops[-1] - frame_times[-1]))
