@@ -513,9 +513,16 @@ def _zero_packets(path, first, last):
 
 
 @pytest.mark.parametrize("seek", [False, True])
-def test_damaged_middle_substitutes_nearest_decodable_frame(tmp_path, timed_video, make_video, seek):
-    path = timed_video(tmp_path / "damaged.avi", [k / 10 for k in range(100)], codec="mjpeg", rate=10)
-    _zero_packets(path, 48, 53)  # frames of 4.8-5.3 s: the sample at 5 s has no frame
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("damaged.avi", {"codec": "mjpeg", "rate": 10}),
+        ("damaged.mp4", {"gop": 10, "bframes": 2, "size": (128, 64)}),  # the keyframe of 5 s is lost
+    ],
+)
+def test_damaged_middle_substitutes_nearest_decodable_frame(tmp_path, timed_video, make_video, seek, name, options):
+    path = timed_video(tmp_path / name, [k / 10 for k in range(100)], **options)
+    _zero_packets(path, 48, 52)  # packets (decode order) around 5 s: the sample at 5 s has no frame
     truth = _ground_truth(path)
     decodable = [k for _, k, _ in truth]
     assert 50 not in decodable and len(decodable) >= 90

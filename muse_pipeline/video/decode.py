@@ -313,18 +313,24 @@ def _frames(container, stream, notes: list[str], skip_below: Callable[[], int | 
             context.skip_frame = "DEFAULT"
 
 
+# A decoder emits frames in presentation order except around damage, where frames decoded against
+# lost references can come out of order; a passed sample's substitute is final after this many more.
+_REORDER_WINDOW = 16
+
+
 class _Picker:
     """Takes decoded frames in presentation order and keeps the one for each wanted pts.
 
     A wanted pts that never comes out of the decoder (damaged data) gets the nearest frame that
-    did: the last one before it or the first one after it, the earlier on a tie.
-    `got[w] = (pts used, rgb)`.
+    did (the earlier on a tie), among the frames decoded up to `_REORDER_WINDOW` frames after the
+    first one past it. `got[w] = (pts used, rgb)`; `open` is False once every wanted pts is settled.
     """
 
     def __init__(
         self, wanted: list[int], convert: Callable[[object], np.ndarray], known: set[int] | None = None
     ) -> None:
         self.pending: deque[int] = deque(sorted(set(wanted)))
+        self.passed: dict[int, list] = {}  # wanted pts -> [best pts, its frame, frames seen since]
         self.got: dict[int, tuple[int, np.ndarray]] = {}
         self.convert = convert
         self.prev: tuple[int, object] | None = None
@@ -332,29 +338,53 @@ class _Picker:
         self.known = known  # the timeline's pts: a decoded frame outside it means the timeline is wrong
         self.unknown = 0
 
+    @property
+    def open(self) -> bool:
+        return bool(self.pending or self.passed)
+
     def _keep(self, wanted: int, pts: int, frame) -> None:
         if pts not in self._rgb:
             self._rgb[pts] = self.convert(frame)
         self.got[wanted] = (pts, self._rgb[pts])
 
+    @staticmethod
+    def _nearer(wanted: int, pts: int, best: int) -> bool:
+        return (abs(pts - wanted), pts) < (abs(best - wanted), best)
+
+    def _settle(self) -> None:
+        for wanted, (pts, frame, _) in self.passed.items():
+            self._keep(wanted, pts, frame)
+        self.passed.clear()
+
     def reset(self) -> None:
-        """After a seek the previous frame is no longer the neighbour of what comes next."""
+        """Before a seek: settle what passed, and the previous frame is no longer a neighbour."""
+        self._settle()
         self.prev = None
 
     def feed(self, pts: int, frame) -> None:
         if self.known is not None and pts not in self.known:
             self.unknown += 1
+        for wanted in list(self.passed):
+            entry = self.passed[wanted]
+            if self._nearer(wanted, pts, entry[0]):
+                entry[0], entry[1] = pts, frame
+            entry[2] += 1
+            if entry[0] == wanted or entry[2] >= _REORDER_WINDOW:
+                self._keep(wanted, entry[0], entry[1])
+                del self.passed[wanted]
         while self.pending and self.pending[0] < pts:
-            w = self.pending.popleft()
-            if self.prev is not None and w - self.prev[0] <= pts - w:
-                self._keep(w, *self.prev)
-            else:
-                self._keep(w, pts, frame)
+            wanted = self.pending.popleft()
+            best = (pts, frame)
+            if self.prev is not None and self._nearer(wanted, self.prev[0], pts):
+                best = self.prev
+            self.passed[wanted] = [best[0], best[1], 0]
         if self.pending and self.pending[0] == pts:
             self._keep(self.pending.popleft(), pts, frame)
         self.prev = (pts, frame)
 
     def finish(self) -> None:
+        """End of the stream: settle what passed; what is still pending gets the last frame."""
+        self._settle()
         while self.pending and self.prev is not None:
             self._keep(self.pending.popleft(), *self.prev)
 
@@ -370,12 +400,14 @@ def _decode_sequential(container, stream, picker: _Picker, notes: list[str], by_
         if pts is None:
             continue
         picker.feed(pts, frame)
-        if not picker.pending:
+        if not picker.open:
             return
     picker.finish()
 
 
-def _decode_seeking(container, stream, keyframes: np.ndarray, picker: _Picker, notes: list[str]) -> None:
+def _decode_seeking(
+    container, stream, keyframes: np.ndarray, picker: _Picker, notes: list[str], skip_nonref: bool = True
+) -> None:
     """Seek to the keyframe at or before each wanted pts and decode forward.
 
     A run goes on decoding while the next wanted frame's keyframe has not been passed yet (cheaper
@@ -391,7 +423,15 @@ def _decode_seeking(container, stream, keyframes: np.ndarray, picker: _Picker, n
         return picker.pending[0] if picker.pending else None
 
     seeks_land = True  # False once the demuxer landed past a target even from 3 keyframes earlier
-    while picker.pending:
+    while picker.open:
+        if not picker.pending:  # only passed samples left: decode on to settle them
+            for frame in frames or ():
+                if (pts := _frame_pts(frame)) is not None:
+                    picker.feed(pts, frame)
+                if not picker.open:
+                    return
+            picker.finish()
+            return
         target = picker.pending[0]
         j = max(int(np.searchsorted(keyframes, target, side="right")) - 1, 0)
         if frames is not None and last is not None and last < target and keyframes[j] <= last:
@@ -404,7 +444,9 @@ def _decode_seeking(container, stream, keyframes: np.ndarray, picker: _Picker, n
                     container.seek(0)
                 else:
                     container.seek(floor, stream=stream, backward=True, any_frame=False)
-                frames = _frames(container, stream, notes, skip_below)
+                # A retry means damage or imprecise seeking: decode every frame, so that the
+                # nearest decodable frame can stand in for a lost one.
+                frames = _frames(container, stream, notes, skip_below if back == 0 and skip_nonref else None)
                 first = next((f for f in frames if (p := _frame_pts(f)) is not None and (floor is None or p >= floor)), None)
                 if first is None or _frame_pts(first) <= target:
                     break
@@ -421,11 +463,14 @@ def _decode_seeking(container, stream, keyframes: np.ndarray, picker: _Picker, n
                 continue
             picker.feed(pts, frame)
             last = pts
-            if not picker.pending:
+            if not picker.open:
                 return
+            if not picker.pending:
+                continue  # settle the passed samples first
             nxt = picker.pending[0]
             if (
                 seeks_land
+                and not picker.passed  # a sample still waiting for late frames: decode on
                 and nxt > run_target
                 and keyframes[max(int(np.searchsorted(keyframes, nxt, side="right")) - 1, 0)] > last
             ):
@@ -538,13 +583,18 @@ def _pick_pyav(
         picker = _Picker(wanted.tolist(), convert, known)
         if use_seek:
             _decode_seeking(container, stream, timeline.keyframes, picker, notes)
-        if picker.pending or not use_seek:
+            if any(used != w for w, (used, _) in picker.got.items()):
+                # A sample lost its frame: decode again without skipping non-reference frames, so
+                # that the nearest decodable frame, whatever its kind, can stand in.
+                picker = _Picker(wanted.tolist(), convert, known)
+                _decode_seeking(container, stream, timeline.keyframes, picker, notes, skip_nonref=False)
+        if picker.open or not use_seek:
             if use_seek:  # nothing decoded after a seek: one plain pass before giving up
                 container.seek(0)
             _decode_sequential(container, stream, picker, notes, timeline.by_position)
     if picker.unknown:
         return DecodedClip(np.zeros((0, 0, 0, 3), np.uint8), times), False
-    if picker.pending or not picker.got:
+    if picker.open or not picker.got:
         raise DecodeError(path, "no decodable video frame")
     warnings = _substitution_notes(times, wanted, picker.got, timeline) + _short_file_note(timeline)
     warnings += sorted(set(notes))
