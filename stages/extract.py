@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 # A video that was being decoded/encoded when its worker died this many times is given up on.
 MAX_CRASHES_PER_VIDEO = 2
 TEXT_BATCH = 256
-SAMPLING = "fps=1;linspace(0,n-1,T);clip4clip"
+SAMPLING = "fps=1;pts<=t;linspace(0,n-1,T);upright;clip4clip"
 DECODERS = ("pyav", "decord")
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 # Test-only hooks (never set them in production): pause a run for good once this many videos were

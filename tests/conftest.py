@@ -91,3 +91,72 @@ def bad_videos(tmp_path: Path, make_video: VideoMaker) -> dict[str, Path]:
         cut.write_bytes(data[: len(data) // 2])
         paths[name] = cut
     return paths
+
+
+def write_timed_video(
+    path: Path | str,
+    times: list[float] | np.ndarray,
+    *,
+    indices: list[int] | None = None,
+    size: tuple[int, int] = (64, 32),
+    codec: str = "libx264",
+    rate: int = 1000,
+    gop: int = 12,
+    bframes: int = 0,
+    open_gop: bool = False,
+    rotation: int | None = None,
+    tags: dict[str, str] | None = None,
+    marker: bool = False,
+) -> Path:
+    """Write index-coded frames (`VideoMaker.index_of` reads them back) at chosen presentation times.
+
+    times: seconds of each frame (any spacing: variable rate, gaps); stored as pts in a 1/`rate`
+    time base, so `rate` must make them whole (1000: milliseconds). `indices` (default 0..n-1) is
+    what each frame shows. `codec` "mjpeg" makes an intra-only stream (use an .avi path with a
+    constant step). `bframes` > 0 with `open_gop` makes x264 write open GOPs with B-frames.
+    `rotation`: a display matrix (counter-clockwise degrees, as PyAV's set_display_rotation);
+    `tags`: stream metadata (e.g. the legacy {"rotate": "90"}). `marker` paints the top-left
+    quarter-stripe-height white, so a test can see where the top-left corner went.
+    """
+    import av
+
+    path = Path(path)
+    times = list(times)
+    indices = list(range(len(times))) if indices is None else list(indices)
+    width, height = size
+    frames = list(VideoMaker.frames(max(indices) + 1, width, height))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.codec_context.gop_size = gop
+        if codec == "libx264":
+            params = f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}"
+            if open_gop:
+                params += ":open-gop=1"
+            stream.options = {"preset": "veryfast", "crf": "16", "x264-params": params}
+        else:
+            stream.codec_context.bit_rate = 2_000_000
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for key, value in (tags or {}).items():
+            stream.metadata[key] = value
+        for t, k in zip(times, indices, strict=True):
+            image = frames[k].copy()
+            if marker:
+                image[: height // 4, : width // 6] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = round(t * rate)
+            frame.time_base = Fraction(1, rate)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def timed_video():
+    """`write_timed_video` (see there): videos with chosen frame times, codecs, GOPs and rotation."""
+    return write_timed_video

@@ -2,11 +2,14 @@
 
 Pure functions, no I/O, so that both decode backends share exactly one rule:
 
-1. `sample_times`: one timestamp per second from the window start (half-open window
-   [start, end), clamped to the video), at least one.
-2. `subsample`: more timestamps than `max_frames` -> `linspace(0, n-1, max_frames).astype(int)`.
-3. `frame_indices`: timestamp -> frame index through the stream's average frame rate,
-   clamped to the frames that exist.
+1. `sample_times`: one time per second from the window start (half-open window [start, end),
+   clamped to the video), at least one.
+2. `subsample`: more times than `max_frames` -> `linspace(0, n-1, max_frames).astype(int)`.
+3. `displayed_frames`: for each time, the frame on screen then: the last frame whose presentation
+   timestamp is <= t, from the stream's own timestamps (never index x average frame rate, which is
+   wrong on variable frame rates and dropped frames).
+
+Times are seconds from the video stream's start time ("stream time").
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import math
 
 import numpy as np
 
-# Guards t * fps against float round-off (3.0 * 12.0 may land a hair under 36).
+# Guards t * fps against float round-off in `sample_times` (3.0 * 12.0 may land a hair under 36).
 _EPS = 1e-6
+
+# A frame whose timestamp lies at most this far after t counts as shown at t. It absorbs the
+# rounding of timestamps that backends hand over as float32 seconds (decord: 1.2e-4 s at one
+# hour) and of rational time bases; real frame intervals are >= 4 ms (240 fps).
+TIME_TOLERANCE = 5e-4
 
 
 def clamp_window(
@@ -51,8 +59,10 @@ def sample_times(
     if fps <= 0:
         raise ValueError(f"sampling fps must be > 0, got {fps!r}")
     lo, hi = clamp_window(duration, start, end)
-    # Count of k >= 0 with lo + k/fps < hi; the epsilon keeps an exact end out (half-open window).
-    count = max(1, math.ceil((hi - lo) * fps - _EPS))
+    # Count of k >= 0 with lo + k/fps < hi - TIME_TOLERANCE: half-open window, and a sample needs
+    # more than the tolerance before the end, so that containers that round the last frame's
+    # duration differently (decord's FFmpeg 4 and PyAV's FFmpeg 8 on one file) agree.
+    count = max(1, math.ceil((hi - lo - TIME_TOLERANCE) * fps - _EPS))
     return lo + np.arange(count, dtype=np.float64) / fps
 
 
@@ -67,36 +77,46 @@ def subsample(n: int, max_frames: int) -> np.ndarray:
     return np.arange(n, dtype=int)
 
 
-def frame_indices(times: np.ndarray, fps: float, n_frames: int) -> np.ndarray:
-    """Frame index (int64, same shape as `times`) shown at each time: floor(t * fps), clamped.
-
-    `fps` is the stream's average frame rate and `n_frames` the number of frames it holds;
-    times past the last frame map to the last frame.
-    """
-    if fps <= 0 or not math.isfinite(fps):
-        raise ValueError(f"video frame rate must be a finite number > 0, got {fps!r}")
-    if n_frames < 1:
-        raise ValueError(f"the video has no frames (n_frames={n_frames})")
-    idx = np.floor(np.asarray(times, dtype=np.float64) * fps + _EPS).astype(np.int64)
-    return np.clip(idx, 0, n_frames - 1)
-
-
-def clip_frame_indices(
-    n_frames: int,
-    fps: float,
+def clip_sample_times(
+    duration: float,
     max_frames: int,
     start: float | None = None,
     end: float | None = None,
     sample_fps: float = 1.0,
 ) -> np.ndarray:
-    """The whole protocol: indices (int64 [k], 1 <= k <= max_frames, non-decreasing) to decode.
-
-    The video's duration is n_frames / fps, so that every backend derives it from the same two
-    numbers rather than from container metadata (which includes audio and may disagree).
-    """
-    if n_frames < 1:
-        raise ValueError(f"the video has no frames (n_frames={n_frames})")
-    duration = n_frames / fps
+    """Steps 1 and 2: the sample times (float64 [k], 1 <= k <= max_frames, increasing)."""
     times = sample_times(duration, start, end, sample_fps)
-    times = times[subsample(len(times), max_frames)]
-    return frame_indices(times, fps, n_frames)
+    return times[subsample(len(times), max_frames)]
+
+
+def displayed_frames(frame_times: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Step 3: index (int64, shape of `times`) of the frame on screen at each time.
+
+    `frame_times`: float64 [n], n >= 1, the presentation times of the video's frames in stream
+    seconds, sorted. The frame shown at t is the last one with time <= t (+ TIME_TOLERANCE); a
+    time before the first frame gets the first frame.
+    """
+    frame_times = np.asarray(frame_times, dtype=np.float64)
+    if frame_times.ndim != 1 or len(frame_times) < 1:
+        raise ValueError("the video has no frames")
+    if np.any(np.diff(frame_times) < 0):
+        raise ValueError("frame times must be sorted")
+    idx = np.searchsorted(frame_times, np.asarray(times, dtype=np.float64) + TIME_TOLERANCE, side="right") - 1
+    return np.clip(idx, 0, len(frame_times) - 1).astype(np.int64)
+
+
+def video_duration(frame_times: np.ndarray, last_frame_duration: float | None = None) -> float:
+    """How long the video plays (seconds of stream time): the end of its last frame.
+
+    The last frame lasts `last_frame_duration` when the container says so (> 0), else the
+    median interval of the last (up to) 8 frames, else 0 for a single frame.
+    """
+    frame_times = np.asarray(frame_times, dtype=np.float64)
+    if len(frame_times) < 1:
+        raise ValueError("the video has no frames")
+    last = float(frame_times[-1])
+    if last_frame_duration is not None and math.isfinite(last_frame_duration) and last_frame_duration > 0:
+        return max(last + last_frame_duration, 0.0)
+    steps = np.diff(frame_times[-9:])
+    steps = steps[steps > 0]
+    return max(last + (float(np.median(steps)) if len(steps) else 0.0), 0.0)
