@@ -24,3 +24,10 @@ class UserError(Exception):
 
 class InputError(UserError, ValueError):
     """A bad option value or a missing / unreadable input, detected before anything is written."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file or folder the command needs does not exist (a FileNotFoundError too, for old callers)."""
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror); the message is all we have
+        return str(self.args[0])

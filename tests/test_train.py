@@ -353,17 +353,20 @@ def test_cache_dataset_reads_batches_with_repeated_videos(tmp_path):
 
 
 def _record_batches(monkeypatch) -> dict[int, list[np.ndarray]]:
-    """Every batch each CachePairDataset instance serves, as cache text rows (num_workers=0)."""
-    from muse_pipeline.training.data import CachePairDataset
+    """Every batch each training dataset instance serves, as cache text rows (num_workers=0), whether
+    the tokens are read from the cache or held in memory (`--cache-memory`)."""
+    from muse_pipeline.training.data import CachePairDataset, InMemoryCachePairDataset
 
     seen: dict[int, list[np.ndarray]] = {}
-    original = CachePairDataset.__getitem__
 
-    def getitem(self, positions):
-        seen.setdefault(id(self), []).append(self.text_rows[np.asarray(positions)])
-        return original(self, positions)
+    def recording(original):
+        def getitem(self, positions):
+            seen.setdefault(id(self), []).append(self.text_rows[np.asarray(positions)])
+            return original(self, positions)
+        return getitem
 
-    monkeypatch.setattr(CachePairDataset, "__getitem__", getitem)
+    for cls in (CachePairDataset, InMemoryCachePairDataset):
+        monkeypatch.setattr(cls, "__getitem__", recording(cls.__dict__["__getitem__"]))
     return seen
 
 

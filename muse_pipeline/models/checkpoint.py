@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from muse_pipeline.errors import MissingInput
+
 WEIGHT_NAMES = ("best", "last")
 # End-to-end runs also fine-tune CLIP: its weights live in the same file under this prefix.
 CLIP_PREFIX = "clip."
@@ -71,7 +73,7 @@ def save_run_weights(
 def read_run_config(run_dir: Path | str) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {path.name} is missing")
+        raise MissingInput(f"{run_dir} is not a run directory ({path.name} is missing); train one with `muse train`")
     return json.loads(path.read_text())
 
 
