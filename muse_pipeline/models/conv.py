@@ -94,12 +94,14 @@ def causal_conv1d(
     `causal_conv1d_shifted`."""
 
     choice = conv_backend(x, weight)
-    if choice not in _logged:
-        _logged.add(choice)
-        log.info("causal conv1d backend: %s", choice)
+    shifted = choice == "torch" and x.device.type == "cpu"
+    shown = "torch (shifted multiply-adds)" if shifted else choice
+    if shown not in _logged:
+        _logged.add(shown)
+        log.info("causal conv1d backend: %s", shown)
+    if shifted:
+        return causal_conv1d_shifted(x, weight, bias, activation)
     if choice == "torch":
-        if x.device.type == "cpu":
-            return causal_conv1d_shifted(x, weight, bias, activation)
         return causal_conv1d_torch(x, weight, bias, activation)
     return _call_kernel(_kernel(), x, weight, bias, activation)
 
