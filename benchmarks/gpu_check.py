@@ -289,11 +289,15 @@ def check_training(table: Table, sizes: Sizes, work: Path) -> None:
             _sync(dev)
             done = time.monotonic()
             steps += 1
-            if steps > warmup:
+            if steps <= warmup:
+                # the budget starts after the warm-up steps: a cold numba cache (fresh clone) or
+                # CUDA's autotuning can take longer than the whole budget of a --quick run
+                start = done
+            else:
                 data_s += got - last
                 compute_s += done - got
             last = done
-            if steps >= sizes.train_max_steps or done - start > sizes.train_budget_s:
+            if steps > warmup and (steps >= sizes.train_max_steps or done - start > sizes.train_budget_s):
                 break
         timed = steps - warmup
         if timed < 1:
