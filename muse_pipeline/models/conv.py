@@ -19,15 +19,19 @@ def _kernel():
     return causal_conv1d_fn
 
 
-def causal_conv1d_torch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = "silu"
-) -> torch.Tensor:
-    """x: [B, Dm, L], weight: [Dm, k], bias: [Dm] -> [B, Dm, L]; output t sees inputs t-k+1..t (zero left pad)."""
+def _check_args(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> None:
     if x.ndim != 3 or weight.ndim != 2 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"causal_conv1d: x [B, Dm, L] and weight [Dm, k] expected, got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+
+
+def causal_conv1d_torch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = "silu"
+) -> torch.Tensor:
+    """x: [B, Dm, L], weight: [Dm, k], bias: [Dm] -> [B, Dm, L]; output t sees inputs t-k+1..t (zero left pad)."""
+    _check_args(x, weight, activation)
     k = weight.shape[1]
     y = F.conv1d(F.pad(x, (k - 1, 0)), weight[:, None, :], bias, groups=x.shape[1])
     return F.silu(y) if activation is not None else y
@@ -77,11 +81,7 @@ def causal_conv1d_shifted(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = "silu"
 ) -> torch.Tensor:
     """Same contract as `causal_conv1d_torch`, computed by `_ShiftedConv` (the CPU path)."""
-    if x.ndim != 3 or weight.ndim != 2 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"causal_conv1d: x [B, Dm, L] and weight [Dm, k] expected, got {tuple(x.shape)}, "
-                         f"{tuple(weight.shape)}")
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    _check_args(x, weight, activation)
     y = _ShiftedConv.apply(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
     return F.silu(y) if activation is not None else y
 
