@@ -76,7 +76,9 @@ class MuseGroup(TyperGroup):
             code = exc.exit_code
         except click_exceptions.UsageError as exc:
             hint = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
-            print_error(f"{exc.format_message()}{hint}")
+            # typer's pydantic coercion words choice errors as "Value error, ... is not one of ...."
+            message = exc.format_message().replace("Value error, ", "").rstrip(".")
+            print_error(f"{message}{hint}")
             code = exc.exit_code
         except click_exceptions.ClickException as exc:
             print_error(exc.format_message())
