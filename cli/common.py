@@ -105,27 +105,24 @@ def setup_logging(quiet: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def print_failures(failures: list[dict], limit: int = 20) -> None:
-    table = Table(title=f"failed videos ({len(failures)})", title_justify="left")
+def _print_ledger(rows: list[dict], title: str, field: str, more: str, limit: int) -> None:
+    table = Table(title=f"{title} ({len(rows)})", title_justify="left")
     table.add_column("id")
-    table.add_column("reason")
-    for f in failures[:limit]:
-        table.add_row(str(f["id"]), str(f["reason"]))
-    if len(failures) > limit:
-        table.add_row("...", f"{len(failures) - limit} more: `muse cache info STORE`")
+    table.add_column(field)
+    for row in rows[:limit]:
+        table.add_row(str(row["id"]), str(row[field]))
+    if len(rows) > limit:
+        table.add_row("...", f"{len(rows) - limit} more: `{more}`")
     err_console.print(table)
+
+
+def print_failures(failures: list[dict], limit: int = 20) -> None:
+    _print_ledger(failures, "failed videos", "reason", "muse cache info STORE", limit)
 
 
 def print_warnings(warnings: list[dict], limit: int = 20) -> None:
     """Cached videos the decoder had to patch up (e.g. a damaged frame replaced by its neighbour)."""
-    table = Table(title=f"videos cached with decoder warnings ({len(warnings)})", title_justify="left")
-    table.add_column("id")
-    table.add_column("warning")
-    for w in warnings[:limit]:
-        table.add_row(str(w["id"]), str(w["warning"]))
-    if len(warnings) > limit:
-        table.add_row("...", f"{len(warnings) - limit} more: `muse cache info STORE --json`")
-    err_console.print(table)
+    _print_ledger(warnings, "videos cached with decoder warnings", "warning", "muse cache info STORE --json", limit)
 
 
 def print_extract_summary(summary) -> None:
