@@ -70,24 +70,80 @@ def test_bimamba_equals_direct_per_direction_composition():
     torch.testing.assert_close(m(x, reference=True), expected, atol=1e-10, rtol=1e-10)
 
 
-def test_bimamba_cpu_kernels_match_reference_gradients():
-    # the default CPU path (numba scan + shifted conv) against reference=True (sequential scan +
-    # F.conv1d): the gradients of every parameter and of the input
+def _bimamba_grads(m: BiMamba, x: torch.Tensor, pad, gy: torch.Tensor, reference: bool) -> dict[str, torch.Tensor]:
+    m.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    y = m(x, pad, reference=reference)
+    (y * gy).sum().backward()
+    return {"y": y.detach(), "x": x.grad, **{n: p.grad.clone() for n, p in m.named_parameters()}}
+
+
+@pytest.mark.parametrize("scan, fused", [("numba", True), ("torch", False)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_bimamba_cpu_paths_match_reference_gradients(monkeypatch, scan, fused, dtype, tol):
+    # the CPU paths against reference=True (sequential scan + F.conv1d, plain autograd): the fused mixer
+    # of bimamba_cpu (numba scan) and the checkpointed autograd composition (MUSE_SCAN=torch); output,
+    # input gradient and every parameter's gradient; 150 steps (several scan checkpoints), padding in the
+    # middle of one row and at the end of the other
+    from muse_pipeline.models import bimamba_cpu
+
+    monkeypatch.setenv("MUSE_SCAN", scan)
+    calls = []
+    real_apply = bimamba_cpu._BiMambaInner.apply
+    monkeypatch.setattr(bimamba_cpu._BiMambaInner, "apply", lambda *a: calls.append(1) or real_apply(*a))
     torch.manual_seed(2)
+    m = BiMamba(DIM, d_state=4).to(dtype)
+    x = torch.randn(2, 150, DIM, dtype=dtype)
+    pad = torch.zeros(2, 150, dtype=torch.bool)
+    pad[0, 40:47] = True
+    pad[1, 120:] = True
+    gy = torch.randn(2, 150, DIM, dtype=dtype)
+    fast = _bimamba_grads(m, x, pad, gy, reference=False)
+    assert len(calls) == (1 if fused else 0)
+    ref = _bimamba_grads(m, x, pad, gy, reference=True)
+    assert fast.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], atol=tol, rtol=tol, msg=name)
+
+
+def test_fused_cpu_mixer_saves_only_its_input():
+    # what the fused mixer keeps for the backward: x itself and the parameters, no activation
+    torch.manual_seed(0)
+    m = BiMamba(DIM, d_state=4)
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    x = torch.randn(2, 100, DIM, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params and t.numel() > 4 * DIM:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    assert len(saved) == 1 and saved[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    y.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in m.parameters())
+
+
+def test_fused_cpu_mixer_reuses_buffers_safely():
+    # the workspace's buffers are reused across calls of different lengths: outputs and gradients must
+    # not alias them (an earlier output stays as it was) and a short call after a long one stays exact
+    from muse_pipeline.models.bimamba_cpu import WORKSPACE
+
+    torch.manual_seed(3)
     m = BiMamba(DIM, d_state=4).double()
-    x = torch.randn(2, 70, DIM, dtype=torch.float64, requires_grad=True)
-    pad = torch.zeros(2, 70, dtype=torch.bool)
-    pad[1, 50:] = True
-    gy = torch.randn(2, 70, DIM, dtype=torch.float64)
-    grads = []
-    for reference in (False, True):
-        m.zero_grad()
-        x.grad = None
-        (m(x, pad, reference=reference) * gy).sum().backward()
-        grads.append({"x": x.grad.clone(), **{n: p.grad.clone() for n, p in m.named_parameters()}})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-10, rtol=1e-10, msg=name)
+    long_x, short_x = torch.randn(1, 90, DIM, dtype=torch.float64), torch.randn(3, 20, DIM, dtype=torch.float64)
+    WORKSPACE.clear()
+    y_long = m(long_x)
+    kept = y_long.clone()
+    grown = WORKSPACE.nbytes()
+    short = _bimamba_grads(m, short_x, None, torch.ones(3, 20, DIM, dtype=torch.float64), reference=False)
+    assert WORKSPACE.nbytes() >= grown > 0
+    torch.testing.assert_close(y_long, kept, atol=0, rtol=0)
+    ref = _bimamba_grads(m, short_x, None, torch.ones(3, 20, DIM, dtype=torch.float64), reference=True)
+    for name in ref:
+        torch.testing.assert_close(short[name], ref[name], atol=1e-10, rtol=1e-10, msg=name)
 
 
 def test_bimamba_padding_is_exact_in_both_directions():

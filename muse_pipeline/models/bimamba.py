@@ -52,6 +52,13 @@ class MambaDirection(nn.Module):
         self.A_log = nn.Parameter(torch.log(a))
         self.D = nn.Parameter(torch.ones(d_inner))
 
+    def params(self):  # -> bimamba_cpu.DirectionParams
+        """This direction's tensors for the fused CPU mixer (`bimamba_cpu`)."""
+        from muse_pipeline.models.bimamba_cpu import DirectionParams  # imports numba: only where it runs
+
+        return DirectionParams(self.conv1d.weight[:, 0, :], self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                               self.dt_proj.bias, -torch.exp(self.A_log), self.D)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -98,13 +105,25 @@ class BiMamba(nn.Module):
         if pad_mask is not None and pad_mask.shape != x.shape[:2]:
             raise ValueError(f"pad_mask must be [B, L]={tuple(x.shape[:2])}, got {tuple(pad_mask.shape)}")
         fns = dict(conv_fn=causal_conv1d_torch, scan_fn=selective_scan_ref) if reference else {}
+        if not reference and self._fused_cpu(x):
+            from muse_pipeline.models.bimamba_cpu import bimamba_inner_cpu
+
+            return bimamba_inner_cpu(x, pad_mask.bool() if pad_mask is not None else None, self.in_proj.weight,
+                                     self.out_proj.weight, self.fwd.params(), self.bwd.params())
         if torch.is_grad_enabled() and x.device.type == "cpu" and not reference and not scan_module._on_kernel_device(x):
-            # CPU training keeps only x and recomputes the block in the backward, as mamba_ssm's fused
-            # CUDA path keeps little more than in_proj's output: the conv / x_proj / dt_proj / scan
-            # activations of both directions are ~17 [B, d_inner, L] tensors per block, which made the
-            # muse head need 2.5x muse-transformer's memory on CPU (BENCHMARKS.md, fusion).
+            # Other CPU cases (MUSE_SCAN=torch, numba missing, half precision) keep only x and recompute
+            # the block in the backward: its activations are ~17 [B, d_inner, L] tensors per block.
             return checkpoint(self._mix, x, pad_mask, fns, use_reentrant=False)
         return self._mix(x, pad_mask, fns)
+
+    def _fused_cpu(self, x: torch.Tensor) -> bool:
+        """Whether `bimamba_cpu` runs this call: CPU tensors where the numba scan is the backend, float32
+        or float64 throughout, no CPU autocast (its casts belong to autograd's per-op path)."""
+        if x.device.type != "cpu" or scan_module._on_kernel_device(x) or x.dtype not in (torch.float32, torch.float64):
+            return False
+        if torch.is_autocast_enabled("cpu") or scan_module.scan_backend(x) != "numba":
+            return False
+        return all(p.dtype == x.dtype for p in self.parameters())
 
     def _mix(self, x: torch.Tensor, pad_mask: torch.Tensor | None, fns: dict) -> torch.Tensor:
         xi, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # [B, d_inner, L] each

@@ -37,44 +37,70 @@ def causal_conv1d_torch(
     return F.silu(y) if activation is not None else y
 
 
-class _ShiftedConv(torch.autograd.Function):
-    """Depthwise causal conv as k shifted multiply-adds: y[..., t] = bias + sum_j w[:, j] x[..., t-k+1+j].
+def shifted_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 reverse: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv as k shifted multiply-adds over the last dim (no activation):
+    y[..., t] = bias + sum_j w[:, j] x[..., t-k+1+j]. x: [B, Dm, L], weight [Dm, k], bias [Dm] -> [B, Dm, L].
 
-    On CPU, grouped F.conv1d's backward (one tiny convolution per channel) cost 15% of the paper-size
-    muse head's training step; these k full-width elementwise passes give the same values (to float
-    rounding) with a backward several times faster. Saves only x and weight."""
+    `reverse`: the anti-causal conv y[..., t] = bias + sum_j w[:, j] x[..., t+k-1-j], which is
+    flip(conv(flip(x))) without the two flips' copies (BiMamba's backward direction). `out`: a buffer
+    of x's shape to write y into."""
+    length, k = x.shape[-1], weight.shape[1]
+    y = torch.mul(x, weight[:, k - 1, None], out=out) if out is not None else x * weight[:, k - 1, None]
+    for j in range(k - 1):
+        s = k - 1 - j  # how far tap j looks back (ahead when reverse)
+        if s < length:
+            if reverse:
+                y[..., : length - s].addcmul_(x[..., s:], weight[:, j, None])
+            else:
+                y[..., s:].addcmul_(x[..., : length - s], weight[:, j, None])
+    if bias is not None:
+        y += bias[:, None]
+    return y
+
+
+def shifted_conv_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                          reverse: bool = False, dx: torch.Tensor | None = None,
+                          scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dx, dweight, dbias or None) of `shifted_conv` given gy [B, Dm, L] (contiguous). `dx`: a buffer
+    to write dx into; `scratch`: one of x's shape for the weight gradient's products."""
+    length, k = x.shape[-1], weight.shape[1]
+    dx = torch.mul(gy, weight[:, k - 1, None], out=dx) if dx is not None else gy * weight[:, k - 1, None]
+    dw = torch.empty_like(weight)
+
+    def tap_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # sum over batch and time of a * b
+        prod = torch.mul(a, b, out=scratch[..., : a.shape[-1]]) if scratch is not None else a * b
+        return prod.sum((0, 2))
+
+    dw[:, k - 1] = tap_sum(gy, x)
+    for j in range(k - 1):
+        s = k - 1 - j
+        if s >= length:
+            dw[:, j] = 0.0
+            continue
+        out_part, in_part = (slice(None, length - s), slice(s, None)) if reverse else (slice(s, None), slice(None, length - s))
+        dx[..., in_part].addcmul_(gy[..., out_part], weight[:, j, None])
+        dw[:, j] = tap_sum(gy[..., out_part], x[..., in_part])
+    db = gy.sum((0, 2)) if has_bias else None
+    return dx, dw, db
+
+
+class _ShiftedConv(torch.autograd.Function):
+    """`shifted_conv` with its own backward. On CPU, grouped F.conv1d's backward (one tiny convolution
+    per channel) cost 15% of the paper-size muse head's training step; k full-width elementwise passes
+    give the same values (to float rounding) with a backward several times faster. Saves only x and
+    weight."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        length, k = x.shape[-1], weight.shape[1]
-        y = x * weight[:, k - 1, None]
-        for j in range(k - 1):
-            s = k - 1 - j  # how far back tap j looks
-            if s < length:
-                y[..., s:].addcmul_(x[..., : length - s], weight[:, j, None])
-        if bias is not None:
-            y += bias[:, None]
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return y
+        return shifted_conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        length, k = x.shape[-1], weight.shape[1]
-        gy = gy.contiguous()
-        dx = gy * weight[:, k - 1, None]
-        dw = torch.empty_like(weight)
-        dw[:, k - 1] = (gy * x).sum((0, 2))
-        for j in range(k - 1):
-            s = k - 1 - j
-            if s < length:
-                dx[..., : length - s].addcmul_(gy[..., s:], weight[:, j, None])
-                dw[:, j] = (gy[..., s:] * x[..., : length - s]).sum((0, 2))
-            else:
-                dw[:, j] = 0.0
-        db = gy.sum((0, 2)) if ctx.has_bias else None
-        return dx, dw, db
+        return shifted_conv_backward(gy.contiguous(), x, weight, ctx.has_bias)
 
 
 def causal_conv1d_shifted(

@@ -91,9 +91,11 @@ def _exp_overload(x):
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _forward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, every, save, out, ckpt):
+def _forward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse, every, save, out, ckpt):
     """u, delta (softplus and bias already applied), z, out: [Bt, Dm, L]; A: [Dm, N]; Bk, Ck: [Bt, L, N]
-    or [Dm, 1, N] (fixed); D: [Dm]; ckpt: [Bt, Dm, ceil(L / every), N], written when `save`."""
+    or [Dm, 1, N] (fixed); D: [Dm]; ckpt: [Bt, Dm, ceil(L / every), N], written when `save`.
+    `reverse`: step i reads and writes time L-1-i (the scan of the time-flipped sequence, flipped back,
+    without copying anything); checkpoints are in step order."""
     nb, nd, length = u.shape
     n_state = A.shape[1]
     one = u.dtype.type(1)
@@ -114,10 +116,10 @@ def _forward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, every, s
                 ckpt[b, d, t0 // every, :] = h
             if has_z:  # silu(z) for the whole interval first: a loop that vectorises, exp included
                 for i in range(r):
-                    zt = z[b, d, t0 + i]
+                    zt = z[b, d, (length - 1 - t0 - i) if reverse else (t0 + i)]
                     gate[i] = zt / (one + _exp(-zt))
             for i in range(r):
-                t = t0 + i
+                t = (length - 1 - t0 - i) if reverse else (t0 + i)
                 dt = delta[b, d, t]
                 ut = u[b, d, t]
                 dbu = dt * ut
@@ -132,9 +134,10 @@ def _forward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, every, s
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _backward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, every, ckpt, gy, groups,
-                     du, ddelta, dz, dA_part, dB_part, dC_part, dD_part):
-    """Inputs as in `_forward_kernel`; gy: [Bt, Dm, L]. Writes du, ddelta, dz ([Bt, Dm, L]); dA_part
+def _backward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse, every, ckpt, gy, groups,
+                     du, ddelta, dz, add_dz, dA_part, dB_part, dC_part, dD_part):
+    """Inputs as in `_forward_kernel`; gy: [Bt, Dm, L]. Writes du, ddelta, dz ([Bt, Dm, L]; dz is added
+    to instead when `add_dz`, for a caller summing two directions); dA_part
     [Bt, Dm, N] and dD_part [Bt, Dm] (summed over Bt by the caller); dB_part / dC_part: [G, Bt, L, N]
     when time-varying (summed over G), [Bt, Dm, 1, N] when fixed (summed over Bt); those two must come
     in zeroed."""
@@ -170,7 +173,7 @@ def _backward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, every, 
                 r = min(length, t0 + every) - t0
                 h_buf[0, :] = ckpt[b, d, c, :]
                 for i in range(r):  # recompute this interval's states
-                    t = t0 + i
+                    t = (length - 1 - t0 - i) if reverse else (t0 + i)
                     dt = delta[b, d, t]
                     ut = u[b, d, t]
                     dbu = dt * ut
@@ -186,16 +189,20 @@ def _backward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, every, 
                     y_buf[i] = y
                 if has_z:
                     for i in range(r):
-                        sig[i] = one / (one + _exp(-z[b, d, t0 + i]))
+                        sig[i] = one / (one + _exp(-z[b, d, (length - 1 - t0 - i) if reverse else (t0 + i)]))
                 for i in range(r - 1, -1, -1):  # and walk them backwards
-                    t = t0 + i
+                    t = (length - 1 - t0 - i) if reverse else (t0 + i)
                     ut = u[b, d, t]
                     dt = delta[b, d, t]
                     gt = gy[b, d, t]
                     if has_z:
                         zt = z[b, d, t]
                         sg = sig[i]
-                        dz[b, d, t] = gt * y_buf[i] * sg * (one + zt * (one - sg))
+                        dzt = gt * y_buf[i] * sg * (one + zt * (one - sg))
+                        if add_dz:
+                            dz[b, d, t] += dzt
+                        else:
+                            dz[b, d, t] = dzt
                         gt = gt * zt * sg
                     dd_acc += gt * ut
                     dbu = dt * ut
@@ -238,53 +245,86 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _fresh(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(shape)
+
+
+def scan_forward(u, delta, A, Bk, Ck, D, z, *, fixed=(False, False), reverse=False, save=True,  # noqa: N803
+                 alloc=_fresh):
+    """Run the forward kernel on contiguous work-dtype CPU tensors in the kernels' layout (see
+    `_forward_kernel`; B / C as `_bc_layout` gives them, `fixed` says which of the two is the fixed
+    [Dm, 1, N] form; D [Dm] and z [Bt, Dm, L] or None). -> (y [Bt, Dm, L], the checkpoints for
+    `scan_backward`, or None when not `save`). `alloc(name, shape, like)` gives the uninitialised
+    outputs ("y", "ckpt"): a caller with its own reusable buffers passes it."""
+    batch, dm, length = u.shape
+    n_ckpt = -(-length // CHECKPOINT_EVERY)
+    ckpt = alloc("ckpt", (batch, dm, n_ckpt, A.shape[1]), u) if save else u.new_empty(1, 1, 1, 1)
+    out = alloc("y", tuple(u.shape), u)
+    d_w = D if D is not None else u.new_zeros(dm)
+    z_w = z if z is not None else u.new_zeros(1, 1, 1)
+    _threads()
+    _forward_kernel(_np(u), _np(delta), _np(A), _np(Bk), _np(Ck), _np(d_w), _np(z_w), z is not None, *fixed,
+                    reverse, CHECKPOINT_EVERY, save, _np(out), _np(ckpt))
+    return out, (ckpt if save else None)
+
+
+def scan_backward(u, delta, A, Bk, Ck, D, z, ckpt, gy, *, fixed=(False, False), reverse=False,  # noqa: N803
+                  dz_into=None, alloc=_fresh):
+    """Gradients of `scan_forward`'s y given gy [Bt, Dm, L] (all work dtype, contiguous; the same
+    `fixed` and `reverse`). -> (du, ddelta, dz or None, dA [Dm, N], dB, dC (kernel layout: [Bt, L, N],
+    or [Dm, 1, N] when fixed), dD [Dm]). `dz_into`: a [Bt, Dm, L] tensor that dz is added to (and
+    returned) instead of a new one. `alloc` as in `scan_forward` ("du", "ddelta", "dz", "dB_part",
+    "dC_part")."""
+    batch, dm, length = u.shape
+    n = A.shape[1]
+    b_fixed, c_fixed = fixed
+    threads = _threads()
+    groups = min(dm, max(1, -(-4 * threads // batch)))  # enough tasks for every thread
+    du, ddelta = alloc("du", tuple(u.shape), u), alloc("ddelta", tuple(u.shape), u)
+    if z is None:
+        dz = u.new_empty(1, 1, 1)
+    else:
+        dz = dz_into if dz_into is not None else alloc("dz", tuple(u.shape), u)
+    d_w = D if D is not None else u.new_zeros(dm)
+    z_w = z if z is not None else u.new_zeros(1, 1, 1)
+    da_part, dd_part = u.new_empty(batch, dm, n), u.new_empty(batch, dm)
+    db_part = u.new_zeros(batch, dm, 1, n) if b_fixed else alloc("dB_part", (groups, batch, length, n), u).zero_()
+    dc_part = u.new_zeros(batch, dm, 1, n) if c_fixed else alloc("dC_part", (groups, batch, length, n), u).zero_()
+    _backward_kernel(_np(u), _np(delta), _np(A), _np(Bk), _np(Ck), _np(d_w), _np(z_w), z is not None, b_fixed,
+                     c_fixed, reverse, CHECKPOINT_EVERY, _np(ckpt), _np(gy), groups, _np(du), _np(ddelta),
+                     _np(dz), dz_into is not None, _np(da_part), _np(db_part), _np(dc_part), _np(dd_part))
+    return (du, ddelta, dz if z is not None else None, da_part.sum(0), db_part.sum(0), dc_part.sum(0),
+            dd_part.sum(0))
+
+
 class _ScanCoreNumba(torch.autograd.Function):
     """y = (scan(u, delta, A, B, C) + D u) * silu(z), all in one work dtype (float32 or float64);
     delta final (bias and softplus applied by the caller, with torch autograd)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z):  # noqa: N803 (mamba_ssm's names)
-        batch, dm, length = u.shape
-        n = A.shape[1]
         uw, dw, aw = u.detach().contiguous(), delta.detach().contiguous(), A.detach().contiguous()
         bk, ck = _bc_layout(B), _bc_layout(C)
-        d_w = D.detach().contiguous() if D is not None else uw.new_zeros(dm)
-        z_w = z.detach().contiguous() if z is not None else uw.new_zeros(1, 1, 1)
+        d_w = D.detach().contiguous() if D is not None else None
+        z_w = z.detach().contiguous() if z is not None else None
         save = any(ctx.needs_input_grad)
-        ckpt = uw.new_empty(batch, dm, -(-length // CHECKPOINT_EVERY), n) if save else uw.new_empty(1, 1, 1, 1)
-        out = torch.empty_like(uw)
-        flags = (z is not None, B.ndim == 2, C.ndim == 2)
-        _threads()
-        _forward_kernel(_np(uw), _np(dw), _np(aw), _np(bk), _np(ck), _np(d_w), _np(z_w), *flags,
-                        CHECKPOINT_EVERY, save, _np(out), _np(ckpt))
+        fixed = (B.ndim == 2, C.ndim == 2)
+        out, ckpt = scan_forward(uw, dw, aw, bk, ck, d_w, z_w, fixed=fixed, save=save)
         if save:
             ctx.save_for_backward(uw, dw, aw, bk, ck, d_w, z_w, ckpt)
-            ctx.flags = flags
+            ctx.fixed = fixed
         return out
 
     @staticmethod
     def backward(ctx, gy):
         uw, dw, aw, bk, ck, d_w, z_w, ckpt = ctx.saved_tensors
-        has_z, b_fixed, c_fixed = ctx.flags
-        batch, dm, length = uw.shape
-        n = aw.shape[1]
-        threads = _threads()
-        groups = min(dm, max(1, -(-4 * threads // batch)))  # enough tasks for every thread
-        gyw = gy.detach().to(uw.dtype).contiguous()
-        du, ddelta = torch.empty_like(uw), torch.empty_like(uw)
-        dz = torch.empty_like(uw) if has_z else uw.new_empty(1, 1, 1)
-        da_part, dd_part = uw.new_empty(batch, dm, n), uw.new_empty(batch, dm)
-        db_part = uw.new_zeros(batch, dm, 1, n) if b_fixed else uw.new_zeros(groups, batch, length, n)
-        dc_part = uw.new_zeros(batch, dm, 1, n) if c_fixed else uw.new_zeros(groups, batch, length, n)
-        _backward_kernel(_np(uw), _np(dw), _np(aw), _np(bk), _np(ck), _np(d_w), _np(z_w), has_z, b_fixed,
-                         c_fixed, CHECKPOINT_EVERY, _np(ckpt), _np(gyw), groups, _np(du), _np(ddelta), _np(dz),
-                         _np(da_part), _np(db_part), _np(dc_part), _np(dd_part))
+        du, ddelta, dz, da, db, dc, dd = scan_backward(uw, dw, aw, bk, ck, d_w, z_w, ckpt,
+                                                       gy.detach().to(uw.dtype).contiguous(), fixed=ctx.fixed)
 
-        def bc_grad(part, fixed):  # back to the caller's layout: [Dm, N] or [Bt, N, L]
-            return part.sum(0)[:, 0] if fixed else part.sum(0).transpose(1, 2)
+        def bc_grad(g, fixed):  # back to the caller's layout: [Dm, N] or [Bt, N, L]
+            return g[:, 0] if fixed else g.transpose(1, 2)
 
-        grads = (du, ddelta, da_part.sum(0), bc_grad(db_part, b_fixed), bc_grad(dc_part, c_fixed),
-                 dd_part.sum(0), dz if has_z else None)
+        grads = (du, ddelta, da, bc_grad(db, ctx.fixed[0]), bc_grad(dc, ctx.fixed[1]), dd, dz)
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
 
 
