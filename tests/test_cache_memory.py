@@ -115,6 +115,7 @@ def test_ram_and_off_train_to_identical_weights_and_record_the_choice(tmp_path):
         runtime = json.loads((run / "config.json").read_text())["runtime"]
         assert runtime["cache_memory"]["mode"] == mode and runtime["cache_memory"]["requested"] == mode
         assert runtime["backends"]["device"] == "cpu" and runtime["backends"]["scan"]
+        assert runtime["backends"]["mixer"] == ("fused-cpu" if runtime["backends"]["scan"] == "numba" else "autograd")
 
 
 def test_bad_runtime_options_are_refused_before_anything_is_written(tmp_path):

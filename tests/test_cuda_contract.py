@@ -499,7 +499,8 @@ def test_kernel_backends_warn_record_and_require(kernels, monkeypatch, caplog):
     from muse_pipeline.errors import UserError
     from muse_pipeline.models.backends import KernelsMissing, check_kernels
 
-    assert check_kernels("cpu") == {"scan": "mamba_ssm", "conv": "causal_conv1d", "device": "cuda"}
+    assert check_kernels("cpu") == {"scan": "mamba_ssm", "conv": "causal_conv1d", "mixer": "autograd",
+                                    "device": "cuda"}
     monkeypatch.setattr(scan_mod, "_mamba_kernel", lambda: None)
     monkeypatch.setattr(conv_mod, "_kernel", lambda: None)
     with caplog.at_level(logging.WARNING, logger="muse_pipeline.models.backends"):
@@ -515,5 +516,6 @@ def test_require_kernels_on_cpu_is_a_user_error():
     from muse_pipeline.models.backends import KernelsMissing, check_kernels
 
     assert check_kernels("cpu")["device"] == "cpu"
+    assert check_kernels("cpu")["mixer"] == "fused-cpu"  # numba is a dependency
     with pytest.raises(KernelsMissing, match="CUDA device"):
         check_kernels("cpu", require=True)
