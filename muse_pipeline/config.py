@@ -30,8 +30,8 @@ PRESETS: dict[str, DatasetPreset] = {
     # Built-in synthetic default for the demo and tests: small so that 2 CPU cores suffice. Clips last
     # 0.6-6 s (at most 6 frames at 1 fps). lr 1e-3 (the muse head at 1e-2) for 10 epochs, measured on the
     # demo's cache: the paper-size muse head learned the same (test t2v R@1 16.7, three runs with
-    # different allocation patterns) where 3e-3 swung from 4.2 to 18.8 between runs, amplifying the
-    # last-bit differences of CPU GEMMs (results depend on memory alignment); seqTransf: RSum 303 vs 264.
+    # different allocation patterns) where 3e-3 swung from 4.2 to 18.8 between runs, amplifying
+    # last-bit run-to-run differences of CPU gradients (README, demo); seqTransf: RSum 303 vs 264.
     "synthetic": DatasetPreset(frames=4, words=32, batch_size=16, epochs=10, lr=1e-3, val_fraction=0.0),
 }
 
