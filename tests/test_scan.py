@@ -70,6 +70,8 @@ def run_both(inputs, softplus=True, fn=selective_scan_torch):
         (2, 4, 23, 3, False, True),  # time-invariant C
         (1, 3, 150, 4, True, True),  # both fixed; numba: 3 checkpoint intervals, the last one partial
         (2, 11, 129, 5, False, False),  # numba: channel groups of unequal size, one step past 2 intervals
+        (2, 3, 150, 16, False, False),  # numba: d_state 16 takes the kernels' constant-trip-count branch
+        (1, 4, 70, 16, True, True),  # ... with fixed B and C
     ],
 )
 def test_float64_values_and_grads_match_reference(impl, b, d, length, n, fixed_b, fixed_c):
@@ -83,8 +85,9 @@ def test_float64_values_and_grads_match_reference(impl, b, d, length, n, fixed_b
 
 
 @pytest.mark.parametrize("impl", sorted(FAST))
-def test_float32_matches_reference_loosely(impl):
-    inputs = make_inputs(2, 6, 150, 8, dtype=torch.float32, seed=3)
+@pytest.mark.parametrize("n", [8, 16])
+def test_float32_matches_reference_loosely(impl, n):
+    inputs = make_inputs(2, 6, 150, n, dtype=torch.float32, seed=3)
     y_ref, y_new, g_ref, g_new = run_both(inputs, fn=FAST[impl])
     assert y_new.dtype == torch.float32
     torch.testing.assert_close(y_new, y_ref, atol=1e-4, rtol=1e-4)
@@ -404,11 +407,12 @@ def _flipped_reference(inp: dict) -> torch.Tensor:
     return selective_scan_ref(**f, delta_softplus=False).flip(-1)
 
 
-@pytest.mark.parametrize("length", [7, 64, 150])
-def test_numba_reverse_scan_is_the_flipped_scan_with_grads(length):
+@pytest.mark.parametrize("length, n", [(7, 4), (64, 4), (150, 4), (150, 16)])
+def test_numba_reverse_scan_is_the_flipped_scan_with_grads(length, n):
     # the kernels' `reverse` flag (BiMamba's backward direction without flip copies), values and all
-    # gradients, against flip(reference(flip(.))); lengths around the 64-step checkpoint interval
-    inputs = make_inputs(2, 5, length, 4)
+    # gradients, against flip(reference(flip(.))); lengths around the 64-step checkpoint interval; n = 16
+    # is the kernels' specialised branch
+    inputs = make_inputs(2, 5, length, n)
     inputs["delta"] = F.softplus(inputs["delta"])
     inputs.pop("delta_bias")
     names = list(inputs)

@@ -90,6 +90,42 @@ def _exp_overload(x):
     return lambda x: math.exp(x)
 
 
+@numba.njit(inline="always", fastmath=_FASTMATH)
+def _forward_task(b, d, n_state, u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse, every, save, out, ckpt):
+    """One (batch row, channel) of `_forward_kernel`; inlined there, so a literal `n_state` is a constant."""
+    length = u.shape[2]
+    one = u.dtype.type(1)
+    bstep = 0 if b_fixed else 1
+    cstep = 0 if c_fixed else 1
+    h = np.zeros(n_state, dtype=u.dtype)
+    gate = np.ones(every, dtype=u.dtype)
+    brow = Bk[d] if b_fixed else Bk[b]
+    crow = Ck[d] if c_fixed else Ck[b]
+    a_d = A[d]
+    d_d = D[d]
+    for t0 in range(0, length, every):
+        r = min(length, t0 + every) - t0
+        if save:
+            ckpt[b, d, t0 // every, :] = h
+        if has_z:  # silu(z) for the whole interval first: a loop that vectorises, exp included
+            for i in range(r):
+                zt = z[b, d, (length - 1 - t0 - i) if reverse else (t0 + i)]
+                gate[i] = zt / (one + _exp(-zt))
+        for i in range(r):
+            t = (length - 1 - t0 - i) if reverse else (t0 + i)
+            dt = delta[b, d, t]
+            ut = u[b, d, t]
+            dbu = dt * ut
+            bt = brow[t * bstep]
+            ct = crow[t * cstep]
+            y = d_d * ut
+            for n in range(n_state):
+                hn = _exp(dt * a_d[n]) * h[n] + dbu * bt[n]
+                h[n] = hn
+                y += hn * ct[n]
+            out[b, d, t] = y * gate[i]
+
+
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _forward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse, every, save, out, ckpt):
     """u, delta (softplus and bias already applied), z, out: [Bt, Dm, L]; A: [Dm, N]; Bk, Ck: [Bt, L, N]
@@ -98,27 +134,47 @@ def _forward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse,
     without copying anything); checkpoints are in step order."""
     nb, nd, length = u.shape
     n_state = A.shape[1]
-    one = u.dtype.type(1)
-    bstep = 0 if b_fixed else 1
-    cstep = 0 if c_fixed else 1
     for task in prange(nb * nd):
         b = task // nd
         d = task - b * nd
-        h = np.zeros(n_state, dtype=u.dtype)
-        gate = np.ones(every, dtype=u.dtype)
+        if n_state == 16:  # d_state 16 (the paper's): a constant trip count vectorises the state loop fully (2x)
+            _forward_task(b, d, 16, u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse, every, save, out, ckpt)
+        else:
+            _forward_task(b, d, n_state, u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse, every, save, out,
+                          ckpt)
+
+
+@numba.njit(inline="always", fastmath=_FASTMATH)
+def _backward_task(b, g, n_state, per_group, u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse, every, ckpt,
+                   gy, du, ddelta, dz, add_dz, dA_part, dB_part, dC_part, dD_part):
+    """One (batch row, channel group) of `_backward_kernel`; inlined there, so a literal `n_state` is a constant."""
+    nd, length = u.shape[1], u.shape[2]
+    n_ckpt = ckpt.shape[2]
+    one = u.dtype.type(1)
+    zero = u.dtype.type(0)
+    bstep = 0 if b_fixed else 1
+    cstep = 0 if c_fixed else 1
+    a_buf = np.empty((every, n_state), dtype=u.dtype)
+    h_buf = np.empty((every + 1, n_state), dtype=u.dtype)  # h_buf[i + 1] = h_{t0 + i}; [0] enters
+    y_buf = np.empty(every, dtype=u.dtype)  # C . h + D u, before the gate
+    sig = np.empty(every, dtype=u.dtype)  # sigmoid(z)
+    dh = np.empty(n_state, dtype=u.dtype)  # a_{t+1} * dL/dh_{t+1}, flowing back in time
+    da_acc = np.empty(n_state, dtype=u.dtype)
+    for d in range(g * per_group, min(nd, (g + 1) * per_group)):
         brow = Bk[d] if b_fixed else Bk[b]
         crow = Ck[d] if c_fixed else Ck[b]
+        dbrow = dB_part[b, d] if b_fixed else dB_part[g, b]
+        dcrow = dC_part[b, d] if c_fixed else dC_part[g, b]
         a_d = A[d]
         d_d = D[d]
-        for t0 in range(0, length, every):
+        dh[:] = zero
+        da_acc[:] = zero
+        dd_acc = zero
+        for c in range(n_ckpt - 1, -1, -1):
+            t0 = c * every
             r = min(length, t0 + every) - t0
-            if save:
-                ckpt[b, d, t0 // every, :] = h
-            if has_z:  # silu(z) for the whole interval first: a loop that vectorises, exp included
-                for i in range(r):
-                    zt = z[b, d, (length - 1 - t0 - i) if reverse else (t0 + i)]
-                    gate[i] = zt / (one + _exp(-zt))
-            for i in range(r):
+            h_buf[0, :] = ckpt[b, d, c, :]
+            for i in range(r):  # recompute this interval's states
                 t = (length - 1 - t0 - i) if reverse else (t0 + i)
                 dt = delta[b, d, t]
                 ut = u[b, d, t]
@@ -127,10 +183,54 @@ def _forward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse,
                 ct = crow[t * cstep]
                 y = d_d * ut
                 for n in range(n_state):
-                    hn = _exp(dt * a_d[n]) * h[n] + dbu * bt[n]
-                    h[n] = hn
+                    a = _exp(dt * a_d[n])
+                    a_buf[i, n] = a
+                    hn = a * h_buf[i, n] + dbu * bt[n]
+                    h_buf[i + 1, n] = hn
                     y += hn * ct[n]
-                out[b, d, t] = y * gate[i]
+                y_buf[i] = y
+            if has_z:
+                for i in range(r):
+                    sig[i] = one / (one + _exp(-z[b, d, (length - 1 - t0 - i) if reverse else (t0 + i)]))
+            for i in range(r - 1, -1, -1):  # and walk them backwards
+                t = (length - 1 - t0 - i) if reverse else (t0 + i)
+                ut = u[b, d, t]
+                dt = delta[b, d, t]
+                gt = gy[b, d, t]
+                if has_z:
+                    zt = z[b, d, t]
+                    sg = sig[i]
+                    dzt = gt * y_buf[i] * sg * (one + zt * (one - sg))
+                    if add_dz:
+                        dz[b, d, t] += dzt
+                    else:
+                        dz[b, d, t] = dzt
+                    gt = gt * zt * sg
+                dd_acc += gt * ut
+                dbu = dt * ut
+                bt = brow[t * bstep]
+                ct = crow[t * cstep]
+                dbt = dbrow[t * bstep]
+                dct = dcrow[t * cstep]
+                s_b = zero  # dL/d(delta u) = sum_n dh_n B_n
+                s_a = zero  # dL/d(delta) through a = sum_n dh_n h_{t-1,n} a_n A_n
+                # The dB / dC rows (shared by the group's channels) in a loop of their own: 13% off the
+                # backward at the paper size (BENCHMARKS.md, scan_split); likely their possible aliasing
+                # with the other arrays kept the fused loop from vectorising well.
+                for n in range(n_state):
+                    dct[n] += gt * h_buf[i + 1, n]
+                    dbt[n] += (dh[n] + gt * ct[n]) * dbu
+                for n in range(n_state):
+                    dhn = dh[n] + gt * ct[n]
+                    s_b += dhn * bt[n]
+                    x = dhn * h_buf[i, n] * a_buf[i, n]
+                    s_a += x * a_d[n]
+                    da_acc[n] += x * dt
+                    dh[n] = dhn * a_buf[i, n]
+                du[b, d, t] = gt * d_d + s_b * dt
+                ddelta[b, d, t] = s_b * ut + s_a
+        dA_part[b, d, :] = da_acc
+        dD_part[b, d] = dd_acc
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -143,88 +243,16 @@ def _backward_kernel(u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse
     in zeroed."""
     nb, nd, length = u.shape
     n_state = A.shape[1]
-    n_ckpt = ckpt.shape[2]
     per_group = (nd + groups - 1) // groups
-    one = u.dtype.type(1)
-    zero = u.dtype.type(0)
-    bstep = 0 if b_fixed else 1
-    cstep = 0 if c_fixed else 1
     for task in prange(nb * groups):
         b = task // groups
         g = task - b * groups
-        a_buf = np.empty((every, n_state), dtype=u.dtype)
-        h_buf = np.empty((every + 1, n_state), dtype=u.dtype)  # h_buf[i + 1] = h_{t0 + i}; [0] enters
-        y_buf = np.empty(every, dtype=u.dtype)  # C . h + D u, before the gate
-        sig = np.empty(every, dtype=u.dtype)  # sigmoid(z)
-        dh = np.empty(n_state, dtype=u.dtype)  # a_{t+1} * dL/dh_{t+1}, flowing back in time
-        da_acc = np.empty(n_state, dtype=u.dtype)
-        for d in range(g * per_group, min(nd, (g + 1) * per_group)):
-            brow = Bk[d] if b_fixed else Bk[b]
-            crow = Ck[d] if c_fixed else Ck[b]
-            dbrow = dB_part[b, d] if b_fixed else dB_part[g, b]
-            dcrow = dC_part[b, d] if c_fixed else dC_part[g, b]
-            a_d = A[d]
-            d_d = D[d]
-            dh[:] = zero
-            da_acc[:] = zero
-            dd_acc = zero
-            for c in range(n_ckpt - 1, -1, -1):
-                t0 = c * every
-                r = min(length, t0 + every) - t0
-                h_buf[0, :] = ckpt[b, d, c, :]
-                for i in range(r):  # recompute this interval's states
-                    t = (length - 1 - t0 - i) if reverse else (t0 + i)
-                    dt = delta[b, d, t]
-                    ut = u[b, d, t]
-                    dbu = dt * ut
-                    bt = brow[t * bstep]
-                    ct = crow[t * cstep]
-                    y = d_d * ut
-                    for n in range(n_state):
-                        a = _exp(dt * a_d[n])
-                        a_buf[i, n] = a
-                        hn = a * h_buf[i, n] + dbu * bt[n]
-                        h_buf[i + 1, n] = hn
-                        y += hn * ct[n]
-                    y_buf[i] = y
-                if has_z:
-                    for i in range(r):
-                        sig[i] = one / (one + _exp(-z[b, d, (length - 1 - t0 - i) if reverse else (t0 + i)]))
-                for i in range(r - 1, -1, -1):  # and walk them backwards
-                    t = (length - 1 - t0 - i) if reverse else (t0 + i)
-                    ut = u[b, d, t]
-                    dt = delta[b, d, t]
-                    gt = gy[b, d, t]
-                    if has_z:
-                        zt = z[b, d, t]
-                        sg = sig[i]
-                        dzt = gt * y_buf[i] * sg * (one + zt * (one - sg))
-                        if add_dz:
-                            dz[b, d, t] += dzt
-                        else:
-                            dz[b, d, t] = dzt
-                        gt = gt * zt * sg
-                    dd_acc += gt * ut
-                    dbu = dt * ut
-                    bt = brow[t * bstep]
-                    ct = crow[t * cstep]
-                    dbt = dbrow[t * bstep]
-                    dct = dcrow[t * cstep]
-                    s_b = zero  # dL/d(delta u) = sum_n dh_n B_n
-                    s_a = zero  # dL/d(delta) through a = sum_n dh_n h_{t-1,n} a_n A_n
-                    for n in range(n_state):
-                        dhn = dh[n] + gt * ct[n]
-                        dct[n] += gt * h_buf[i + 1, n]
-                        dbt[n] += dhn * dbu
-                        s_b += dhn * bt[n]
-                        x = dhn * h_buf[i, n] * a_buf[i, n]
-                        s_a += x * a_d[n]
-                        da_acc[n] += x * dt
-                        dh[n] = dhn * a_buf[i, n]
-                    du[b, d, t] = gt * d_d + s_b * dt
-                    ddelta[b, d, t] = s_b * ut + s_a
-            dA_part[b, d, :] = da_acc
-            dD_part[b, d] = dd_acc
+        if n_state == 16:  # as in `_forward_kernel`
+            _backward_task(b, g, 16, per_group, u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse, every, ckpt,
+                           gy, du, ddelta, dz, add_dz, dA_part, dB_part, dC_part, dD_part)
+        else:
+            _backward_task(b, g, n_state, per_group, u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fixed, reverse, every,
+                           ckpt, gy, du, ddelta, dz, add_dz, dA_part, dB_part, dC_part, dD_part)
 
 
 def _threads() -> int:
