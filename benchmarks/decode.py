@@ -23,10 +23,10 @@ import os
 import platform
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
+from timing import best_of
 
 
 def make_clip(
@@ -93,15 +93,6 @@ def full_decode_pyav(path: Path) -> int:
 
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

@@ -9,17 +9,8 @@ Prints a markdown table (min of --repeats runs) with the per state update cost o
 from __future__ import annotations
 
 import argparse
-import time
 
-
-def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from timing import best_of
 
 
 def main() -> None:
@@ -58,15 +49,16 @@ def measure(scan_numba, b: int, d: int, n: int, length: int, repeats: int) -> tu
     d_vec, bias = torch.randn(d), torch.randn(d)
     bk, ck = b_mat.transpose(1, 2).contiguous(), c_mat.transpose(1, 2).contiguous()
     _, ckpt = scan_numba.scan_forward(u, delta, a_mat, bk, ck, d_vec, z)
-    t_fwd = best(lambda: scan_numba.scan_forward(u, delta, a_mat, bk, ck, d_vec, z), repeats)
-    t_bwd = best(lambda: scan_numba.scan_backward(u, delta, a_mat, bk, ck, d_vec, z, ckpt, gy), repeats)
+    t_fwd = best_of(lambda: scan_numba.scan_forward(u, delta, a_mat, bk, ck, d_vec, z), repeats, warmup=True)
+    t_bwd = best_of(lambda: scan_numba.scan_backward(u, delta, a_mat, bk, ck, d_vec, z, ckpt, gy), repeats,
+                    warmup=True)
     inputs = [t.clone().requires_grad_() for t in (u, delta, a_mat, b_mat, c_mat, d_vec, z, bias)]
 
     def whole():
         y = scan_numba.selective_scan_numba(*inputs[:7], delta_bias=inputs[7], delta_softplus=True)
         y.backward(gy)
 
-    return t_fwd, t_bwd, best(whole, repeats)
+    return t_fwd, t_bwd, best_of(whole, repeats, warmup=True)
 
 
 if __name__ == "__main__":
