@@ -9,8 +9,9 @@ of the backward direction) and, when the block is recomputed for the backward, b
 are alive at once; on CPU that transient set the muse head's peak memory above muse-transformer's
 (BENCHMARKS.md, fusion). Here the forward keeps only the mixer's input x. The backward recomputes
 in_proj, then one direction at a time: its forward (activations, the scan's checkpoints and its output
-for out_proj's weight gradient), the scan's backward, and the chain back to in_proj, freeing each
-activation once its gradient is formed. The backward direction runs on the sequence as it lies: the
+for out_proj's weight gradient), the scan's backward, and the chain back to in_proj, overwriting each
+activation's buffer once its gradient is formed (`Workspace`). The backward direction runs on the
+sequence as it lies: the
 scan kernels walk time from the end (`reverse`) and the conv looks ahead instead of behind, so nothing
 is flipped or copied.
 
