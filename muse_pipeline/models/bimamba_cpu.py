@@ -11,9 +11,8 @@ are alive at once; on CPU that transient set the muse head's peak memory above m
 in_proj, then one direction at a time: its forward (activations, the scan's checkpoints and its output
 for out_proj's weight gradient), the scan's backward, and the chain back to in_proj, overwriting each
 activation's buffer once its gradient is formed (`Workspace`). The backward direction runs on the
-sequence as it lies: the
-scan kernels walk time from the end (`reverse`) and the conv looks ahead instead of behind, so nothing
-is flipped or copied.
+sequence as it lies: the scan kernels walk time from the end (`reverse`) and the conv looks ahead
+instead of behind, so nothing is flipped or copied.
 
 Work layout [B, Dm, L] throughout (time innermost, what the scan kernels read), from in_proj's matmul
 straight into that layout. Padding as in `bimamba.py`: xi zero and delta zero at the pads.
