@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from muse_pipeline.atomic import atomic_write_json
 from muse_pipeline.errors import UserError
-from muse_pipeline.models.checkpoint import atomic_write_json, load_weights, read_run_config
+from muse_pipeline.models.checkpoint import load_weights, read_run_config
 from muse_pipeline.training.config import TrainConfig
 from muse_pipeline.training.data import CacheError, SplitPlan, plan_splits
 from muse_pipeline.training.distributed import DistContext, barrier, broadcast_object, setup

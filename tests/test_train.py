@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse_pipeline.models.checkpoint import atomic_write_json, load_weights, save_run_weights
+from muse_pipeline.atomic import atomic_write_json
+from muse_pipeline.models.checkpoint import load_weights, save_run_weights
 from muse_pipeline.training.config import TrainConfig
 from muse_pipeline.training.data import CACHED, FAILED, EpochBatchSampler, plan_splits
 from muse_pipeline.training.distributed import DistContext, relaunch_command, strip_gpus_flag

@@ -7,15 +7,13 @@ or Ctrl-C never leaves a half-written checkpoint: a reader sees the old file or 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from muse_pipeline.atomic import atomic_write
 from muse_pipeline.errors import MissingInput
 
 WEIGHT_NAMES = ("best", "last")
@@ -23,29 +21,8 @@ WEIGHT_NAMES = ("best", "last")
 CLIP_PREFIX = "clip."
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    _atomic(Path(path), lambda p: p.write_text(text))
-
-
-def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def atomic_torch_save(path: Path | str, obj: Any) -> None:
-    _atomic(Path(path), lambda p: torch.save(obj, p))
+    atomic_write(path, lambda p: torch.save(obj, p))
 
 
 def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,7 +43,7 @@ def save_run_weights(
     if clip is not None:
         tensors.update({CLIP_PREFIX + k: v for k, v in _plain_state(clip).items()})
     path = Path(run_dir) / f"{name}.safetensors"
-    _atomic(path, lambda p: save_file(tensors, str(p), metadata={"format": "muse-run", "name": name}))
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "muse-run", "name": name}))
     return path
 
 
