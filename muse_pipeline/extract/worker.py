@@ -19,6 +19,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,7 @@ def process_shard(job: ShardJob, on_video: Callable[[], None] | None = None) -> 
             pool = decode_pool(job.decode_workers)
             max_prefetch = max(2, 2 * job.decode_workers, 2 * job.videos_per_batch)
             queue = deque(offset for g in groups for offset in g if not shard.fail(offset).exists())
-            futures: dict[int, object] = {}
+            futures: dict[int, Future] = {}
 
             def submit_decodes() -> None:
                 while queue and len(futures) < max_prefetch:
