@@ -61,7 +61,9 @@ def bench_model(model: str, videos, root: Path, frames: int, work: Path) -> list
     import open_clip
 
     from muse_pipeline.encoders.clip import ClipEncoder, register_tiny_config
-    from muse_pipeline.stages.extract import ExtractConfig, run_extract
+    from muse_pipeline.extract.config import ExtractConfig
+    from muse_pipeline.extract.encoders import ENCODER_CACHE
+    from muse_pipeline.stages.extract import open_store, run_extract
     from muse_pipeline.video.decode import decode_clip
     from muse_pipeline.video.transforms import preprocess_frames
 
@@ -89,7 +91,6 @@ def bench_model(model: str, videos, root: Path, frames: int, work: Path) -> list
     cfg = ExtractConfig(dataset="synthetic", data_root=root, model=model, frames=frames,
                         out=work / f"{model}.zarr", workers=0, quiet=True)
     from muse_pipeline.data import load_dataset
-    from muse_pipeline.stages.extract import open_store
 
     index = load_dataset("synthetic", root)
     cache, _ = open_store(cfg, index)
@@ -109,9 +110,7 @@ def bench_model(model: str, videos, root: Path, frames: int, work: Path) -> list
     shutil.rmtree(cfg.out)
     shutil.rmtree(str(cfg.out) + ".staging", ignore_errors=True)
 
-    import muse_pipeline.stages.extract as extract_stage
-
-    extract_stage._ENCODERS.clear()  # the end-to-end runs pay for their model load, like the baseline
+    ENCODER_CACHE.clear()  # the end-to-end runs pay for their model load, like the baseline
     _, t_e2e = _timed(lambda: run_extract(cfg))
     rows.append({"stage": "end to end, in process (--workers 0)", "seconds": t_e2e, "frames": n})
     shutil.rmtree(cfg.out)
@@ -142,16 +141,18 @@ class NullEncoder:
 
 
 def bench_ceiling(root: Path, frames: int, batch_frames: int, work: Path) -> list[dict]:
-    import muse_pipeline.stages.extract as extract_stage
-    from muse_pipeline.stages.extract import ExtractConfig, run_extract
+    from muse_pipeline.extract.config import ExtractConfig
+    from muse_pipeline.extract.decode_pool import shutdown_decode_pools
+    from muse_pipeline.extract.encoders import ENCODER_CACHE
+    from muse_pipeline.stages.extract import run_extract
 
     model = "muse-tiny"  # 224 px input like ViT-B/32: the same decode + preprocess work
     rows = []
     for label, decode_workers in (("2 decode threads (CPU default)", 0), ("1 decode process", 1),
                                   ("2 decode processes", 2)):
-        extract_stage._ENCODERS.clear()
-        real = extract_stage._encoder(model, None, "cpu", "fp32")
-        extract_stage._ENCODERS[(model, None, "cpu", "fp32")] = NullEncoder(real)
+        ENCODER_CACHE.clear()
+        real = ENCODER_CACHE.get(model, None, "cpu", "fp32")
+        ENCODER_CACHE.put(NullEncoder(real), model, None, "cpu", "fp32")
         out = work / f"ceiling-{decode_workers}.zarr"
         cfg = ExtractConfig(dataset="synthetic", data_root=root, model=model, frames=frames, out=out,
                             workers=0, quiet=True, decode_workers=decode_workers,
@@ -165,9 +166,8 @@ def bench_ceiling(root: Path, frames: int, batch_frames: int, work: Path) -> lis
         rows.append({"stage": f"null encoder, {label}", "seconds": seconds, "frames": summary.frames_encoded,
                      "batches": f"{len(sizes)} x {np.mean(sizes):.0f} frames (max {max(sizes)})"})
         shutil.rmtree(out)
-    extract_stage._ENCODERS.clear()
-    for pool in list(extract_stage._POOLS):
-        extract_stage._reset_pool(pool)
+    ENCODER_CACHE.clear()
+    shutdown_decode_pools()
     return rows
 
 

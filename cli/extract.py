@@ -10,11 +10,12 @@ import typer
 
 from muse_pipeline.cli.common import fail, print_failures, setup_logging
 from muse_pipeline.data import DATASETS
+from muse_pipeline.extract.config import DECODERS, PRECISION_CHOICES
 
 # Choices as enums: typer checks them and lists them in --help, before any work starts.
 DatasetName = Enum("DatasetName", {name: name for name in DATASETS.names()}, type=str)
-Decoder = Enum("Decoder", {"pyav": "pyav", "decord": "decord"}, type=str)
-Precision = Enum("Precision", {p: p for p in ("auto", "fp32", "fp16", "bf16")}, type=str)
+Decoder = Enum("Decoder", {name: name for name in DECODERS}, type=str)
+Precision = Enum("Precision", {name: name for name in PRECISION_CHOICES}, type=str)
 
 
 def _terminate_as_interrupt(signum, frame) -> None:
@@ -53,7 +54,8 @@ def extract_cmd(
     the store's failure ledger and never stop the run; they are retried when their file changes.
     One run at a time per store: a second one is refused.
     """
-    from muse_pipeline.stages.extract import ExtractConfig, run_extract
+    from muse_pipeline.extract.config import ExtractConfig
+    from muse_pipeline.stages.extract import run_extract
 
     setup_logging(quiet)
     cfg = ExtractConfig(

@@ -39,9 +39,10 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     from muse_pipeline.data.synthetic import generate_synthetic
+    from muse_pipeline.extract.config import ExtractConfig
     from muse_pipeline.metrics import rsum
     from muse_pipeline.stages.evaluate import evaluate_run, evaluate_zero_shot
-    from muse_pipeline.stages.extract import ExtractConfig, run_extract
+    from muse_pipeline.stages.extract import run_extract
     from muse_pipeline.stages.report import write_report
     from muse_pipeline.stages.search import build_index
     from muse_pipeline.stages.train import run_train

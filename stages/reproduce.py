@@ -127,9 +127,10 @@ def run_reproduce(cfg: ReproduceConfig) -> Path:
     """extract -> train (selection run, then refit) -> eval; returns the path of the results page."""
     import torch
 
+    from muse_pipeline.extract.config import ExtractConfig
     from muse_pipeline.models.checkpoint import read_run_config
     from muse_pipeline.stages.evaluate import evaluate_run, evaluate_zero_shot
-    from muse_pipeline.stages.extract import ExtractConfig, run_extract
+    from muse_pipeline.stages.extract import run_extract
     from muse_pipeline.stages.train import run_train
 
     check_data(cfg.dataset, cfg.data_root)

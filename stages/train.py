@@ -617,10 +617,10 @@ def _run_end_to_end(
     protocol: dict | None = None,
     describe_only: bool = False,
 ) -> Any:
+    from muse_pipeline.cache.fingerprint import build_fingerprint as extract_fingerprint
     from muse_pipeline.data import load_dataset
     from muse_pipeline.encoders.clip import ClipEncoder
-    from muse_pipeline.stages.extract import ExtractConfig
-    from muse_pipeline.stages.extract import fingerprint as extract_fingerprint
+    from muse_pipeline.extract.config import ExtractConfig
     from muse_pipeline.training.data import CACHED, EndToEndPairDataset
     from muse_pipeline.training.modules import EndToEndPairModel
     from muse_pipeline.training.validate import EndToEndValidator

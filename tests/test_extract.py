@@ -16,7 +16,9 @@ import pytest
 import zarr
 
 from muse_pipeline.data.synthetic import generate_synthetic
-from muse_pipeline.stages.extract import CRASH_ENV, PAUSE_ENV, PAUSED_MARKER, ExtractConfig, run_extract
+from muse_pipeline.extract.config import ExtractConfig
+from muse_pipeline.extract.worker import CRASH_ENV, PAUSE_ENV, PAUSED_MARKER
+from muse_pipeline.stages.extract import run_extract
 
 MODEL = "muse-tiny"
 ARRAYS = ("videos/tokens", "videos/mask", "videos/done", "texts/tokens", "texts/embeddings",

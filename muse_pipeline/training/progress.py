@@ -4,50 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-console = Console(stderr=True)
+from muse_pipeline.progress import ProgressBar
 
 
-class TrainProgress:
+class TrainProgress(ProgressBar):
     def __init__(self, total_steps: int, completed: int = 0, quiet: bool = False) -> None:
-        self.quiet = quiet
-        self._progress = Progress(
-            TextColumn("[bold]train[/] ep {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=quiet,
-        )
-        self._task = self._progress.add_task("train", total=total_steps, completed=completed,
-                                             epoch="-", loss="-", lr="-", rate="")
-        self._start = completed
-
-    def __enter__(self) -> TrainProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        columns = [TextColumn("[bold]train[/] ep {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]}")]
+        super().__init__(columns, "train", total_steps, completed, quiet, epoch="-", loss="-", lr="-")
 
     def step(self, loss: float, lr: float, epoch: int) -> None:
         self._progress.advance(self._task)
-        task = self._progress.tasks[0]
-        done = task.completed - self._start
-        rate = f"{done / task.elapsed:.2f} steps/s" if task.elapsed and done else ""
-        self._progress.update(self._task, loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch, rate=rate)
+        self._progress.update(self._task, loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch,
+                              rate=self.rate("steps"))
 
     def epoch_done(self, record: dict[str, Any]) -> None:
         if self.quiet:

@@ -1,0 +1,243 @@
+"""What an extraction run is asked to do, its defaults, its summary, and the checks of its inputs.
+
+Every check here runs before anything is written: a bad option value, device, data root or output
+folder raises `InputError` (one `error:` line in the CLI). `DECODERS` and `PRECISION_CHOICES` are
+the only lists of those choices (the CLI builds its option enums from them).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from muse_pipeline.config import preset
+from muse_pipeline.errors import InputError, UserError
+
+if TYPE_CHECKING:
+    from muse_pipeline.data import DatasetIndex
+
+DECODERS = ("pyav", "decord")
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+# errno values that mean "the output disk cannot take it": a user problem, never a failed video.
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that decides what lands in the cache (and how the work is spread)."""
+
+    dataset: str
+    data_root: Path
+    splits: tuple[str, ...] | None = None
+    model: str = "ViT-B-32"
+    pretrained: str | None = None
+    frames: int | None = None  # None: the dataset preset
+    words: int | None = None
+    decoder: str = "pyav"
+    device: str = "cpu"
+    workers: int | None = None  # None: sized to the machine; 0: in this process, no dask
+    scheduler: str | None = None  # address of an existing dask scheduler
+    cache_dir: Path = Path("cache")
+    out: Path | None = None
+    overwrite: bool = False
+    videos_per_shard: int | None = None
+    max_failures: float = 0.01
+    quiet: bool = False
+    retry_failed: bool = False
+    batch_frames: int | None = None  # None: sized to the device (see default_batch_frames)
+    precision: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    decode_workers: int | None = None  # None: threads on CPU, a process pool on CUDA; 0: threads
+    dashboard: bool = False
+
+    @property
+    def max_frames(self) -> int:
+        return self.frames or preset(self.dataset).frames
+
+    @property
+    def max_words(self) -> int:
+        return self.words or preset(self.dataset).words
+
+    @property
+    def resolved_precision(self) -> str:
+        if self.precision == "auto":
+            return "fp16" if self.device.startswith("cuda") else "fp32"
+        return self.precision
+
+    @property
+    def videos_per_batch(self) -> int:
+        """Videos per encoder forward: --batch-frames // frames (at least 1)."""
+        frames = self.batch_frames or default_batch_frames(self.device, self.max_frames)
+        return max(1, frames // self.max_frames)
+
+    def store_path(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        safe_model = self.model.replace("/", "-")
+        return Path(self.cache_dir) / self.dataset / f"{safe_model}-{self.max_frames}f.zarr"
+
+
+@dataclass
+class ExtractSummary:
+    store: Path
+    n_videos: int
+    n_cached: int
+    n_failed: int
+    n_texts: int
+    frames_encoded: int
+    seconds: float
+    failures: list[dict] = field(default_factory=list)
+    max_failures: float = 0.01
+    warnings: list[dict] = field(default_factory=list)
+    retried: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # frames per encoder forward, this run
+
+    @property
+    def failure_rate(self) -> float:
+        return self.n_failed / max(self.n_videos, 1)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure_rate <= self.max_failures
+
+
+class OutputError(UserError):
+    """The output disk failed under us (full, read-only): what is written stays resumable."""
+
+    exit_code = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Defaults sized to the machine.
+
+
+def default_batch_frames(device: str, frames: int) -> int:
+    """Frames per encoder forward. CPU: one video (a bigger batch gains nothing on a few cores).
+    CUDA: ~16 frames per GiB of the card (2048 on an 80 GB H100; ViT-B/32 in fp16 needs well under
+    1 GB of activations for that), at least 64."""
+    if not device.startswith("cuda"):
+        return frames
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    gib = torch.cuda.get_device_properties(index).total_memory / 2**30
+    return int(min(2048, max(64, 16 * gib)))
+
+
+def default_decode_workers(device: str, n_workers: int) -> int:
+    """CPU: 0 (decode threads; the encoder needs the cores). CUDA: the CPU cores per GPU worker,
+    less one for the worker itself."""
+    if not device.startswith("cuda"):
+        return 0
+    return max(1, (os.cpu_count() or 1) // max(n_workers, 1) - 1)
+
+
+def default_workers(device: str) -> int:
+    """CPU: up to 8 workers of 2 threads; CUDA: one worker per GPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return 1 if ":" in device else max(torch.cuda.device_count(), 1)
+    cores = os.cpu_count() or 1
+    return max(1, min(cores // 2, 8))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks: everything a user can get wrong, before anything is written.
+
+
+def check_config(cfg: ExtractConfig) -> None:
+    """InputError for a bad option value or a missing input (nothing is created before this)."""
+    from muse_pipeline.data import DATASETS
+    from muse_pipeline.encoders.clip import check_model_name, check_pretrained
+
+    if cfg.dataset not in DATASETS.names():
+        raise InputError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS.names())}")
+    if cfg.decoder not in DECODERS:
+        raise InputError(f"unknown decoder {cfg.decoder!r}; choose one of: {', '.join(DECODERS)}")
+    if cfg.precision not in PRECISION_CHOICES:
+        raise InputError(f"unknown precision {cfg.precision!r}; choose one of: {', '.join(PRECISION_CHOICES)}")
+    for flag, value, low in (("--frames", cfg.frames, 1), ("--words", cfg.words, 3),
+                             ("--videos-per-shard", cfg.videos_per_shard, 1),
+                             ("--batch-frames", cfg.batch_frames, 1), ("--workers", cfg.workers, 0),
+                             ("--decode-workers", cfg.decode_workers, 0)):
+        if value is not None and value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")
+    if not (0.0 <= cfg.max_failures <= 1.0):  # also refuses NaN
+        raise InputError(f"--max-failures is a fraction of the videos, in [0, 1]; got {cfg.max_failures}")
+    from muse_pipeline.data import SPLITS
+
+    unknown = [s for s in cfg.splits or () if s not in SPLITS]
+    if unknown:
+        raise InputError(f"unknown split(s) {', '.join(unknown)}; choose from: {', '.join(SPLITS)}")
+    check_device(cfg.device)
+    root = Path(cfg.data_root)
+    if cfg.dataset != "synthetic" and not root.is_dir():  # synthetic generates a missing root
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise InputError(f"--data-root {root} {what}; point it at the {cfg.dataset} annotations and videos")
+    check_model_name(cfg.model)
+    check_pretrained(cfg.model, cfg.pretrained)
+
+
+def check_device(device: str) -> None:
+    """InputError unless `device` is cpu, cuda or cuda:N and that GPU is visible to torch."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output(store: Path, needed_bytes: int = 0) -> None:
+    """InputError unless the store's folder can be written and has room for `needed_bytes`.
+    Probes with a temporary file (permissions alone do not show a read-only mount)."""
+    store = Path(store)
+    if store.exists() and not store.is_dir():
+        raise InputError(f"output {store} exists and is not a folder; choose another --out")
+    anchor = _existing_ancestor(store.parent)
+    if not anchor.is_dir():
+        raise InputError(f"cannot create {store}: {anchor} is a file, not a folder; choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(dir=anchor, prefix=".muse-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"cannot write to {anchor} ({err.strerror}); choose another --out / --cache-dir") from None
+    free = shutil.disk_usage(anchor).free
+    if needed_bytes > free:
+        raise InputError(
+            f"not enough space for {store}: about {needed_bytes / 2**30:.2f} GiB needed, "
+            f"{free / 2**30:.2f} GiB free on {anchor}; free some space or choose another --out"
+        )
+
+
+def needed_bytes(cfg: ExtractConfig, index: DatasetIndex, num_tokens: int, dim: int, store: Path) -> int:
+    """Upper bound of what this run still writes: float16 tokens of the pending videos (compression
+    saves under 10% on tokens), the text embeddings, plus one staged shard."""
+    per_video = cfg.max_frames * num_tokens * dim * 2
+    pending = len(index.videos)
+    if store.exists():
+        try:
+            from muse_pipeline.cache.store import FeatureCache
+
+            pending = int((FeatureCache.open(store).read_done() == 0).sum())
+        except (OSError, ValueError, KeyError):
+            pass
+    return pending * per_video + len(index.captions) * dim * 2
