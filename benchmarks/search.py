@@ -33,15 +33,15 @@ def source_embeddings(run: Path, cache_path: Path) -> tuple[np.ndarray, np.ndarr
     import torch
 
     from muse_pipeline.models.checkpoint import load_run
+    from muse_pipeline.search.query import adapter_state, apply_text_side
     from muse_pipeline.stages.evaluate import embed_videos, open_cache
-    from muse_pipeline.stages.search import _adapter_state, apply_text_side
 
     model, config = load_run(run)
     cache = open_cache(cache_path)
     rows = np.flatnonzero(np.asarray(cache.read_done()) == 1)
     videos = torch.nn.functional.normalize(embed_videos(model, cache, rows, 64, "cpu"), dim=-1).numpy()
     texts = np.flatnonzero(np.asarray(cache.read_text_done()) == 1)
-    queries = apply_text_side(np.asarray(cache.read_text_embeddings(texts), np.float32), _adapter_state(model))
+    queries = apply_text_side(np.asarray(cache.read_text_embeddings(texts), np.float32), adapter_state(model))
     return videos.astype(np.float32), queries.astype(np.float32), config
 
 
@@ -90,28 +90,29 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
 
 def measure(emb: np.ndarray, queries: np.ndarray, kind: str, workdir: Path, tuning: np.ndarray,
             held_out: np.ndarray) -> dict:
-    from muse_pipeline.stages import search as se
+    from muse_pipeline.search.index_format import VideoIndex, write_index
+    from muse_pipeline.search.topk import exact_topk_fast, plan_search, recall_at_k
 
     n = len(emb)
-    plan = se.plan_search(n, exact=kind == "exact")
+    plan = plan_search(n, exact=kind == "exact")
     folder = workdir / f"idx-{n}-{plan.kind}"
     t0 = time.perf_counter()
-    se.write_index(folder, emb, ids=[f"v{i}" for i in range(n)], paths=[f"/v/{i}.mp4" for i in range(n)],
-                   clip={"model": "muse-tiny", "weights_id": "random-init"}, words=32, plan=plan,
-                   tuning_queries=tuning, overwrite=True)
+    write_index(folder, emb, ids=[f"v{i}" for i in range(n)], paths=[f"/v/{i}.mp4" for i in range(n)],
+                clip={"model": "muse-tiny", "weights_id": "random-init"}, words=32, plan=plan,
+                tuning_queries=tuning, overwrite=True)
     build = time.perf_counter() - t0
-    load, index = timed(lambda: se.VideoIndex(folder).load())
+    load, index = timed(lambda: VideoIndex(folder).load())
     # The first exact query pages the memory-mapped matrix in; count it in load, like faiss's read.
     first, _ = timed(lambda: index.search_vectors(queries[:1], 10))
     single = [timed(lambda i=i: index.search_vectors(queries[i : i + 1], 10))[0] for i in range(1, 21)]
     batch, _ = timed(lambda: index.search_vectors(queries[:100], 10), repeat=3)
     _, (_, rows) = timed(lambda: index.search_vectors(held_out, 10))
-    _, truth = se.exact_topk_fast(emb, held_out, 10)
+    _, truth = exact_topk_fast(emb, held_out, 10)
     meta = index.meta["search"]
-    params = ", ".join(f"{k} {v}" for k, v in meta["params"].items() if k not in ("recall_at_10", "tuning_queries"))
+    params = ", ".join(f"{k} {v}" for k, v in meta["params"].items() if k != "tuning_queries" and not k.startswith("recall_at_"))
     return {"kind": plan.kind + (f" ({params})" if params else ""), "build_s": build, "load_s": load + first,
             "one_ms": 1000 * statistics.median(single), "batch_ms": 1000 * batch,
-            "recall": se.recall_at_k(rows, truth)}
+            "recall": recall_at_k(rows, truth)}
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ import typer
 
 from muse_pipeline.cli.common import console, err_console
 from muse_pipeline.errors import InputError
-from muse_pipeline.stages.search import APPROX_THRESHOLD
+from muse_pipeline.search.limits import DEFAULT_K, check_k
+from muse_pipeline.search.topk import APPROX_THRESHOLD
 
 
 def index_cmd(
@@ -36,7 +37,8 @@ def index_cmd(
 
     The folder holds the video embeddings, ids, source paths, clip windows, captions, and the text side (CLIP model and weights, the run's text adapter): it keeps working when moved or copied.
     """
-    from muse_pipeline.stages.search import VideoIndex, build_index
+    from muse_pipeline.search.index_format import VideoIndex
+    from muse_pipeline.stages.search import build_index
 
     path = build_index(run_dir, cache, out, pretrained=pretrained, which=which, batch_size=batch_size,
                        device=device, exact=exact, overwrite=overwrite)
@@ -63,7 +65,7 @@ def _read_queries(path: Path) -> list[str]:
 def search_cmd(
     query: str = typer.Argument(None, help="What to look for, in words (or give --queries FILE)."),
     index: Path = typer.Option(..., help="Index folder written by `muse index`."),
-    top_k: int = typer.Option(5, "--top-k", "-k", help="Hits per query (count)."),
+    top_k: int = typer.Option(DEFAULT_K, "--top-k", "-k", help="Hits per query (count)."),
     queries: Path = typer.Option(
         None, help="File with one query per line ('-': standard input); embedded in batches.",
         show_default="only QUERY",
@@ -83,13 +85,13 @@ def search_cmd(
     """Rank the indexed videos against text queries (cosine similarity of trained embeddings)."""
     from rich.table import Table
 
-    from muse_pipeline.stages.search import RANDOM_INIT_NOTE, Searcher, write_html
+    from muse_pipeline.search.html import write_html
+    from muse_pipeline.search.query import RANDOM_INIT_NOTE, Searcher
 
     if query is None and queries is None:
         raise InputError("give a QUERY or --queries FILE")
     texts = ([query] if query is not None else []) + (_read_queries(queries) if queries is not None else [])
-    if top_k < 1:
-        raise InputError(f"--top-k must be >= 1, got {top_k}")
+    check_k(top_k, "--top-k")
     searcher = Searcher(index, device=device, pretrained=pretrained)
     results = searcher.search(texts, top_k, exact=exact)
     if searcher.index.random_init:
@@ -125,7 +127,7 @@ def serve_cmd(
     device: str = typer.Option("cpu", help="cpu | cuda"),
 ) -> None:
     """Serve a search page and a JSON API over an index (loads the index and CLIP once)."""
-    from muse_pipeline.stages.search import RANDOM_INIT_NOTE
+    from muse_pipeline.search.query import RANDOM_INIT_NOTE
     from muse_pipeline.stages.serve import serve
 
     if not 0 < port < 65536:

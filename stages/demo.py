@@ -147,7 +147,8 @@ def search_test_captions(index_path: Path, data_root: Path, html_path: Path, n: 
     With a randomly initialised CLIP, words carry no meaning of their own: what the trained head
     learned is a mapping of this CLIP's text embeddings of the synthetic captions; ranks say how well.
     """
-    from muse_pipeline.stages.search import RANDOM_INIT_NOTE, Searcher, write_html
+    from muse_pipeline.search.html import write_html
+    from muse_pipeline.search.query import RANDOM_INIT_NOTE, Searcher
 
     searcher = Searcher(index_path)
     shown, every = _test_captions(data_root, n)

@@ -160,3 +160,27 @@ def write_timed_video(
 def timed_video():
     """`write_timed_video` (see there): videos with chosen frame times, codecs, GOPs and rotation."""
     return write_timed_video
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """The tiny random-init CLIP (`muse-tiny`, D = 64) of the search tests (read-only by convention)."""
+    from muse_pipeline.encoders.clip import ClipEncoder
+
+    return ClipEncoder("muse-tiny", pretrained=None)
+
+
+@pytest.fixture()
+def caption_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_clip):
+    """(index folder, cache) of `build_index` over search_helpers.caption_store with its FakeRun."""
+    from search_helpers import FP, FakeRun, caption_store
+
+    import muse_pipeline.models.checkpoint as checkpoint
+    from muse_pipeline.stages.search import build_index
+
+    cache = caption_store(tmp_path, tiny_clip)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"model": {"head": "fake"}, "cache": str(cache.path), "fingerprint": FP}
+    monkeypatch.setattr(checkpoint, "load_run", lambda run_dir, which="best": (FakeRun(), config))
+    return build_index(run, cache.path, tmp_path / "index"), cache

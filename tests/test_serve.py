@@ -17,62 +17,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from search_helpers import CAPTIONS, RANDOM_INIT_CLIP, unit_text_embeddings, write_moving_bar_video
 
-from muse_pipeline.stages import search as se
+from muse_pipeline.search.app import create_app
+from muse_pipeline.search.index_format import write_index
+from muse_pipeline.search.limits import DEFAULT_K, MAX_K, MAX_QUERY_CHARS
+from muse_pipeline.search.query import Searcher
 
-CAPTIONS = [
-    "a red circle moves left",
-    "a blue square grows",
-    "a green triangle spins",
-    "a yellow star falls down",
-    "a white line turns",
-]
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 220, 40), (240, 240, 240)]
 IDS = ["v0", "v1", "v2", "v3 <b>&amp;</b>", "v4"]
 HOSTILE_CAPTION = '<img src=x onerror="document.title=\'pwned\'">a white line'
-SECONDS, FPS = 4, 10
-
-
-def write_webm(path: Path, colour: tuple[int, int, int], seconds: int = SECONDS, fps: int = FPS) -> None:
-    """A VP8 webm: a solid colour with a white bar that moves, so frames differ."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libvpx", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        for i in range(seconds * fps):
-            img = np.empty((64, 96, 3), np.uint8)
-            img[:] = colour
-            x = (3 * i) % 90
-            img[:, x : x + 6] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
-    from muse_pipeline.encoders.clip import ClipEncoder
-
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_clip):
+    """(app, searcher, embeddings [5, D], video paths): five 4 s VP8 webm videos (96x64, 10 fps, a
+    codec every chromium build plays), one solid colour each."""
     root = tmp_path_factory.mktemp("serve")
     videos = root / "videos"
     videos.mkdir()
     paths = []
     for i, colour in enumerate(COLOURS):
         paths.append(str(videos / f"clip{i}.webm"))
-        write_webm(Path(paths[-1]), colour)
-    encoder = ClipEncoder("muse-tiny", pretrained=None)
-    emb = encoder.encode_texts(encoder.tokenize(CAPTIONS, 16)).numpy()
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        write_moving_bar_video(Path(paths[-1]), colour, seconds=4, fps=10, codec="libvpx", size=(96, 64))
+    emb = unit_text_embeddings(tiny_clip, CAPTIONS)
     windows = np.full((5, 2), np.nan)
     windows[2] = (1.0, 3.5)  # video 2 is a clip from 1 s to 3.5 s
     captions = [*CAPTIONS[:4], HOSTILE_CAPTION]
-    index = se.write_index(root / "index", emb, ids=IDS, paths=paths, captions=captions, windows=windows,
-                           clip={"model": "muse-tiny", "weights_id": "random-init"}, words=16)
-    searcher = se.Searcher(index)
-    from muse_pipeline.stages.serve import create_app
-
+    index = write_index(root / "index", emb, ids=IDS, paths=paths, captions=captions, windows=windows,
+                        clip=RANDOM_INIT_CLIP, words=16)
+    searcher = Searcher(index)
     return create_app(searcher), searcher, emb, paths
 
 
@@ -113,7 +87,7 @@ def test_post_search_batch_equals_single_queries(client) -> None:
 
 
 @pytest.mark.parametrize("params", [{"q": "x", "k": 0}, {"q": "x", "k": 101}, {"q": ""},
-                                    {"q": "x" * (se.MAX_QUERY_CHARS + 1)}, {"k": 3}])
+                                    {"q": "x" * (MAX_QUERY_CHARS + 1)}, {"k": 3}])
 def test_get_search_bounds(client, params) -> None:
     assert client.get("/search", params=params).status_code == 422
 
@@ -122,7 +96,7 @@ def test_post_search_bounds(client) -> None:
     assert client.post("/search", json={"queries": ["a"] * 65}).status_code == 422
     assert client.post("/search", json={"queries": []}).status_code == 422
     assert client.post("/search", json={"queries": ["a"], "k": 1000}).status_code == 422
-    assert client.post("/search", json={"queries": ["x" * (se.MAX_QUERY_CHARS + 1)]}).status_code == 422
+    assert client.post("/search", json={"queries": ["x" * (MAX_QUERY_CHARS + 1)]}).status_code == 422
     response = client.post("/search", json={"queries": ["   "]})
     assert response.status_code == 400 and "empty" in response.json()["detail"]
 
@@ -171,7 +145,9 @@ def test_page_and_headers(client) -> None:
     js = client.get("/app.js").text
     assert "innerHTML" not in js and "textContent" in js
     info = client.get("/info").json()
-    assert info["n_videos"] == 5 and info["random_init"] is True and info["max_k"] == 100
+    assert info["n_videos"] == 5 and info["random_init"] is True and info["max_k"] == MAX_K
+    assert f'max="{MAX_K}" value="{DEFAULT_K}"' in page and "{{" not in page
+    assert client.get("/search", params={"q": CAPTIONS[0]}).json()["k"] == DEFAULT_K
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +218,7 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
             box = driver.find_element(By.ID, "q")
             box.send_keys(CAPTIONS[2], Keys.ENTER)
             cards = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grid .hit"))
-            assert len(cards) == 5  # k is 12 by default, the index has 5 videos
+            assert len(cards) == 5  # k is DEFAULT_K by default, the index has 5 videos
             assert cards[0].get_attribute("data-id") == "v2"
             assert cards[0].find_element(By.CSS_SELECTOR, ".caption").text == CAPTIONS[2]
             # Every thumbnail strip loaded (decoded by the browser, non-zero size).

@@ -1,0 +1,95 @@
+"""Shared pieces of the search and serve tests: the five captions, a fake run whose expected ranking
+is known, a tiny feature cache built from them, and short test videos.
+
+Video k's CLS tokens are the tiny random-init CLIP's (`muse-tiny`, D = 64) text embedding of caption
+k, and the fake run scores with CLIP's own cosine, so query k must retrieve video k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CAPTIONS = [
+    "a red circle moves left",
+    "a blue square grows",
+    "a green triangle spins",
+    "a yellow star falls down",
+    "a white line turns",
+]
+TINY_D, TINY_L, TINY_T = 64, 5, 2  # L = 1 + 2 * 2: grid 2
+FP = {"model": "muse-tiny", "weights": "random-init", "dim": TINY_D, "words": 16}
+RANDOM_INIT_CLIP = {"model": "muse-tiny", "weights_id": "random-init"}
+
+
+class FakeRun:
+    """meanP over CLS rows and identity text side: the score is CLIP's own cosine."""
+
+    def to(self, device: str) -> FakeRun:
+        return self
+
+    def eval(self) -> FakeRun:
+        return self
+
+    def embed_videos(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from muse_pipeline.stages.evaluate import ZeroShotMeanP
+
+        return ZeroShotMeanP().embed_videos(tokens, mask)
+
+    def embed_texts(self, text_emb: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(text_emb.float(), dim=-1)
+
+
+def caption_store(tmp_path: Path, encoder, ids: list[str] | None = None, paths: list[str] | None = None):
+    """A 6-video cache: videos 0-4 show CAPTIONS[0-4], video 5 failed extraction (done = 2); captions
+    "caption 0" of video 0 and "caption 1" of video 2 (make_store's)."""
+    from test_evaluate import make_store
+
+    text = encoder.encode_texts(encoder.tokenize(CAPTIONS, 16)).numpy()
+    n = len(CAPTIONS) + 1
+    tokens = np.zeros((n, TINY_T, TINY_L, TINY_D), np.float32)
+    tokens[: len(CAPTIONS), :, 0, :] = text[:, None, :]
+    tokens += 0.01 * np.random.default_rng(0).normal(size=tokens.shape)
+    done = np.ones(n, np.uint8)
+    done[-1] = 2
+    return make_store(
+        tmp_path / "folder.zarr", tokens, np.ones((n, TINY_T), np.uint8), done, ["test"] * n,
+        text[:2], np.array([0, 2]),
+        ids=ids or [f"clip{i}" for i in range(n)],
+        paths=paths or [f"/videos/clip{i}.mp4" for i in range(n)],
+        fingerprint=FP,
+    )
+
+
+def brute_order(emb: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Rows by descending score E @ q, ties to the lower row."""
+    return np.argsort(-(emb @ q), kind="stable")
+
+
+def unit_text_embeddings(encoder, texts: list[str]) -> np.ndarray:
+    """The tiny CLIP's text embeddings of `texts`, L2-normalised [M, D] float32."""
+    emb = encoder.encode_texts(encoder.tokenize(texts, 16)).numpy()
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def write_moving_bar_video(path: Path, colour: tuple[int, int, int] = (0, 0, 0), *, seconds: int = 3,
+                           fps: int = 4, codec: str = "mpeg4", size: tuple[int, int] = (64, 48)) -> Path:
+    """A video of `colour` with a white bar that moves, so frames differ (codec mpeg4 or libvpx for webm)."""
+    import av
+
+    width, height = size
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(seconds * fps):
+            img = np.empty((height, width, 3), np.uint8)
+            img[:] = colour
+            x = (3 * i) % (width - 6)
+            img[:, x : x + 6] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
