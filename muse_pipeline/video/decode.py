@@ -34,7 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
+from muse_pipeline.video.orientation import (
+    ORIENTATIONS,
+    UPRIGHT,
+    Orientation,
+    frame_display_matrix,
+    from_display_matrix,
+    tag_orientation,
+)
 from muse_pipeline.video.sampling import TIME_TOLERANCE, clip_sample_times, displayed_frames, video_duration
+from muse_pipeline.video.streams import choose_video_stream, stream_note
+from muse_pipeline.video.timestamps import best_effort_ticks, crosses_wrap
 
 # When the last sampled frame lies past this many frames (about 1 min at 30 fps) the PyAV backend
 # seeks to keyframes instead of decoding everything in between: short clips decode faster in one run.
@@ -121,6 +131,8 @@ _DECORD_REASONS = (
     ("Invalid data", "met invalid data in the stream"),
     ("Failed to measure duration", "cannot index it (no duration or frame count it can measure)"),
     ("av_read_frame failed", "cannot read all of its packets"),
+    ("st_nb >= 0", "finds no video stream it can read"),
+    ("Check failed", "stopped on an internal check"),
 )
 
 
@@ -144,24 +156,33 @@ def _open_failure(path: Path, err: BaseException) -> DecodeError:
 # ---------------------------------------------------------------------------------- orientation
 
 
-def _rotation_steps(ccw_degrees: float) -> int:
-    """Quarter turns counter-clockwise (np.rot90's k) that make a frame upright."""
-    return int(round(ccw_degrees / 90.0)) % 4
+class _Orienter:
+    """Turns decoded frames upright as FFmpeg shows them (see `orientation`).
 
+    A frame's own display matrix wins; a frame without one is shown like the stream's first frame
+    (an orientation SEI sent once applies to the frames after it), else by the legacy `rotate` tag.
+    `learn(first)` must see the stream's first decoded frame before `upright` is asked.
+    """
 
-def _tag_rotation(stream) -> float:
-    """Counter-clockwise degrees from a legacy `rotate` tag (clockwise degrees, as old ffmpeg wrote it)."""
-    for key, value in stream.metadata.items():
-        if key.lower() == "rotate":
-            try:
-                return -float(value)
-            except ValueError:
-                return 0.0
-    return 0.0
+    def __init__(self, stream) -> None:
+        self.tag = tag_orientation(stream.metadata)
+        self.first: Orientation | None = None
+        self.learned = False
 
+    def learn(self, first_frame) -> None:
+        if not self.learned:
+            matrix = frame_display_matrix(first_frame)
+            self.first = from_display_matrix(matrix) if matrix is not None else None
+            self.learned = True
 
-def _upright(rgb: np.ndarray, steps: int) -> np.ndarray:
-    return np.ascontiguousarray(np.rot90(rgb, steps)) if steps else rgb
+    def orientation(self, frame) -> Orientation:
+        matrix = frame_display_matrix(frame)
+        if matrix is not None:
+            return from_display_matrix(matrix)
+        return self.first or self.tag or UPRIGHT
+
+    def upright(self, frame) -> np.ndarray:
+        return self.orientation(frame).apply(frame.to_ndarray(format="rgb24"))
 
 
 # ----------------------------------------------------------------------------------- timeline
@@ -176,9 +197,11 @@ class _Timeline:
     times:     float64 [n] seconds from the stream's start
     keyframes: int64 [k] sorted pts of the keyframes (empty: cannot seek)
     duration:  seconds the video plays (end of its last frame)
-    declared:  seconds the header declares, or None
+    declared:  seconds the video stream itself declares, or None
     by_position: `pts` are the frames' positions in a sequential decode (streams without usable
-               timestamps): such a stream is only ever decoded sequentially
+               timestamps, or repaired ones): such a stream is only ever decoded sequentially
+    wraps:     the timestamps pass a wrap of the container's clock (MPEG-TS/PS): FFmpeg seeks by
+               wrapped ones there and lands elsewhere, so the stream is decoded sequentially
     """
 
     pts: np.ndarray
@@ -187,12 +210,47 @@ class _Timeline:
     duration: float
     declared: float | None
     by_position: bool = False
+    wraps: bool = False
+
+
+# Bits of the timestamp clock of containers whose clock wraps within hours (90 kHz, 33 bits: 26.5 h).
+_CLOCK_BITS = {"mpegts": 33, "mpeg": 33, "mpegvideo": 33}
+
+
+def _wraps(container, pts: np.ndarray) -> bool:
+    bits = next((_CLOCK_BITS[n] for n in container.format.name.split(",") if n in _CLOCK_BITS), None)
+    return bits is not None and len(pts) > 0 and crosses_wrap(int(pts.min()), int(pts.max()), bits)
+
+
+def _duration_tag(stream) -> float | None:
+    """Matroska's per-track DURATION tag ("HH:MM:SS.nnnnnnnnn", the end of the track), in seconds."""
+    for key, value in stream.metadata.items():
+        if key.upper() == "DURATION":
+            match = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)\s*", str(value))
+            if match:
+                hours, minutes, seconds = match.groups()
+                return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return None
 
 
 def _declared_seconds(container, stream) -> float | None:
-    if stream.duration is not None and stream.time_base:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
+    """How long the video stream itself says it lasts, or None where only the file as a whole does.
+
+    The stream's own duration, else Matroska's track DURATION tag (an end time: the stream's start
+    is taken off). The container's duration covers every stream (audio that runs on) and may be an
+    end time (a 10-hour start offset): used only for a file whose one stream is the video and that
+    starts at 0.
+    """
+    tb = float(stream.time_base) if stream.time_base else None
+    start = stream.start_time * tb if stream.start_time is not None and tb else 0.0
+    if stream.duration is not None and tb:
+        return float(stream.duration * tb)
+    end = _duration_tag(stream)
+    if end is not None:
+        return end - start
+    only_stream = len(container.streams) == 1
+    starts_at_zero = not container.start_time
+    if container.duration is not None and only_stream and starts_at_zero:
         return container.duration / 1_000_000
     return None
 
@@ -208,6 +266,7 @@ def _make_timeline(pts, keys, last_duration, stream, container) -> _Timeline:
         keyframes=np.unique(np.asarray(keys, dtype=np.int64)),
         duration=video_duration(times, None if last_duration is None else last_duration * tb),
         declared=_declared_seconds(container, stream),
+        wraps=_wraps(container, pts),
     )
 
 
@@ -242,9 +301,10 @@ def _decoded_timeline(container, stream, notes: list[str]) -> _Timeline:
     """Presentation times from a full decode, for streams whose packets carry no usable pts.
 
     Raw elementary streams (.h264) have none; AVI stores none, and with B-frames the demuxer's
-    are decode-order numbers. Like ffmpeg's best-effort timestamp: the decoded frames' pts if they
-    increase, else their dts if those do, else frame n at n / the stream's frame rate. Times count
-    from the first frame (a dts carries the decoder's reordering delay).
+    are decode-order numbers; some files repeat a pts here and there. FFmpeg's best-effort rule,
+    repaired frame by frame (`timestamps.best_effort_ticks`): the frames' pts or dts where sound,
+    the bad ones re-timed between their neighbours; with no timestamp at all, frame n at n / the
+    stream's frame rate. Times count from the first frame (a dts carries the decoder's delay).
     """
     pts: list[int | None] = []
     dts: list[int | None] = []
@@ -253,16 +313,13 @@ def _decoded_timeline(container, stream, notes: list[str]) -> _Timeline:
         dts.append(frame.dts)
     if not pts:
         raise DecodeError(container.name, "no decodable video frame")
-
-    def increasing(ticks: list[int | None]) -> bool:
-        return all(t is not None for t in ticks) and all(b > a for a, b in zip(ticks, ticks[1:], strict=False))
-
-    ticks = pts if increasing(pts) else dts if increasing(dts) else None
+    tb = float(stream.time_base) if stream.time_base else None
+    rate = float(stream.guessed_rate or stream.average_rate or 25)
+    ticks = best_effort_ticks(pts, dts, step=1.0 / (rate * tb) if tb else None) if tb else None
     if ticks is not None:
-        times = (np.asarray(ticks, dtype=np.int64) - ticks[0]).astype(np.float64) * float(stream.time_base)
+        times = (ticks - ticks[0]) * tb
     else:
-        rate = stream.guessed_rate or stream.average_rate or 25
-        times = np.arange(len(pts), dtype=np.float64) / float(rate)
+        times = np.arange(len(pts), dtype=np.float64) / rate
     return _Timeline(
         pts=np.arange(len(pts), dtype=np.int64),
         times=times,
@@ -393,9 +450,14 @@ def _frame_pts(frame) -> int | None:
     return frame.pts
 
 
-def _decode_sequential(container, stream, picker: _Picker, notes: list[str], by_position: bool = False) -> None:
-    """Decode from the start; frames are known by pts, or by position for `_Timeline.by_position`."""
+def _decode_sequential(
+    container, stream, picker: _Picker, notes: list[str], by_position: bool = False, orienter: _Orienter | None = None
+) -> None:
+    """Decode from the start; frames are known by pts, or by position for `_Timeline.by_position`.
+    `orienter` learns the stream's first frame on the way."""
     for position, frame in enumerate(_frames(container, stream, notes)):
+        if position == 0 and orienter is not None:
+            orienter.learn(frame)
         pts = position if by_position else _frame_pts(frame)
         if pts is None:
             continue
@@ -503,19 +565,19 @@ def _short_file_note(timeline: _Timeline) -> list[str]:
 
 
 def _open_pyav(path: Path):
+    """(container, the video stream to decode: `streams.choose_video_stream`)."""
     import av
 
     try:
         container = av.open(str(path))
     except Exception as err:  # noqa: BLE001  any FFmpeg/OS error means the file is unusable
         raise _open_failure(path, err) from err
-    # An attached picture (the cover art of a song or podcast) is a "video" stream of one image.
-    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
-    if not videos:
+    stream = choose_video_stream(container)
+    if stream is None:
         audio = bool(container.streams.audio)
         container.close()
         raise DecodeError(path, "no video stream (audio only)" if audio else "no video stream")
-    return container, videos[0]
+    return container, stream
 
 
 def _pyav_timeline(path: Path, notes: list[str]) -> _Timeline:
@@ -527,6 +589,21 @@ def _pyav_timeline(path: Path, notes: list[str]) -> _Timeline:
         with container:
             timeline = _decoded_timeline(container, stream, notes)
     return timeline
+
+
+def _first_frame(path: Path):
+    """(container format name, the chosen stream's first decodable frame or None, the stream note)."""
+    container, stream = _open_pyav(path)
+    with container:
+        note = stream_note(container, stream)
+        for frame in _frames(container, stream, []):
+            return container.format.name, frame, note
+        return container.format.name, None, note
+
+
+def _stack(frames: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One array [n, H, W, 3] when the frames share a size, else the list (a stream whose size changes)."""
+    return np.stack(frames) if len({f.shape for f in frames}) == 1 else frames
 
 
 def decode_pyav_report(
@@ -568,37 +645,37 @@ def _pick_pyav(
     wanted = timeline.pts[displayed_frames(timeline.times, times)]
     position = int(np.searchsorted(timeline.pts, wanted.max()))
     use_seek = seek if seek is not None else position >= SEEK_MIN_FRAMES
-    use_seek = use_seek and len(timeline.keyframes) > 0 and not timeline.by_position
+    use_seek = use_seek and len(timeline.keyframes) > 0 and not timeline.by_position and not timeline.wraps
 
     container, stream = _open_pyav(path)
     with container:
-        tag_steps = _rotation_steps(_tag_rotation(stream))
-
-        def convert(frame) -> np.ndarray:
-            rotation = frame.rotation  # the display matrix, counter-clockwise degrees
-            steps = _rotation_steps(rotation) if rotation else tag_steps
-            return _upright(frame.to_ndarray(format="rgb24"), steps)
-
+        streams_note = stream_note(container, stream)
+        orienter = _Orienter(stream)
+        if use_seek:  # the seeks skip the first frame, whose orientation frames without one follow
+            _, first, _ = _first_frame(path)
+            if first is not None:
+                orienter.learn(first)
         known = None if timeline.by_position else set(timeline.pts.tolist())
-        picker = _Picker(wanted.tolist(), convert, known)
+        picker = _Picker(wanted.tolist(), orienter.upright, known)
         if use_seek:
             _decode_seeking(container, stream, timeline.keyframes, picker, notes)
             if any(used != w for w, (used, _) in picker.got.items()):
                 # A sample lost its frame: decode again without skipping non-reference frames, so
                 # that the nearest decodable frame, whatever its kind, can stand in.
-                picker = _Picker(wanted.tolist(), convert, known)
+                picker = _Picker(wanted.tolist(), orienter.upright, known)
                 _decode_seeking(container, stream, timeline.keyframes, picker, notes, skip_nonref=False)
         if picker.open or not use_seek:
             if use_seek:  # nothing decoded after a seek: one plain pass before giving up
                 container.seek(0)
-            _decode_sequential(container, stream, picker, notes, timeline.by_position)
+            _decode_sequential(container, stream, picker, notes, timeline.by_position, orienter)
     if picker.unknown:
         return DecodedClip(np.zeros((0, 0, 0, 3), np.uint8), times), False
     if picker.open or not picker.got:
         raise DecodeError(path, "no decodable video frame")
-    warnings = _substitution_notes(times, wanted, picker.got, timeline) + _short_file_note(timeline)
+    warnings = [streams_note] if streams_note else []
+    warnings += _substitution_notes(times, wanted, picker.got, timeline) + _short_file_note(timeline)
     warnings += sorted(set(notes))
-    frames = np.stack([picker.got[w][1] for w in wanted.tolist()])
+    frames = _stack([picker.got[w][1] for w in wanted.tolist()])
     return DecodedClip(frames=frames, times=times, warnings=warnings), True
 
 
@@ -620,32 +697,22 @@ def decode_pyav(
 # Containers whose seeking is index-based, so that decord's seek + sequential decode starts where
 # it thinks it does; in MPEG-TS/PS it seeks by byte position and was measured to start 12 frames late.
 _DECORD_CONTAINERS = ("mov", "mp4", "matroska", "webm", "avi", "flv")
+# FFmpeg's demuxers of single images and GIFs (named "<codec>_pipe" besides these).
+_IMAGE_FORMATS = ("gif", "image2", "apng", "webp")
 
 
-def _pyav_probe(path: Path) -> tuple[str, int, np.ndarray | None]:
-    """(container format, quarter turns that make the video upright, its first frame not turned)."""
-    container, stream = _open_pyav(path)
-    with container:
-        formats = container.format.name
-        tag_steps = _rotation_steps(_tag_rotation(stream))
-        for frame in _frames(container, stream, []):
-            steps = _rotation_steps(frame.rotation) if frame.rotation else tag_steps
-            return formats, steps, frame.to_ndarray(format="rgb24")
-    return formats, tag_steps, None
-
-
-def _decord_turns(decord_first: np.ndarray, pyav_first: np.ndarray) -> tuple[int, float]:
-    """Quarter turns decord applied itself (its bundled FFmpeg reads rotation differently), and the
-    mean pixel difference of its first frame from PyAV's after that turn."""
+def _decord_applied(decord_first: np.ndarray, pyav_first: np.ndarray) -> tuple[Orientation, float]:
+    """The orientation decord applied itself (its bundled FFmpeg reads the display matrix
+    differently), and the mean pixel difference of its first frame from PyAV's stored one after it."""
     errors = {}
-    for k in range(4):
-        turned = np.rot90(pyav_first, k)
+    for orientation in ORIENTATIONS:
+        turned = orientation.apply(pyav_first)
         if turned.shape == decord_first.shape:
-            errors[k] = float(np.abs(turned.astype(np.int16) - decord_first.astype(np.int16)).mean())
+            errors[orientation] = float(np.abs(turned.astype(np.int16) - decord_first.astype(np.int16)).mean())
     if not errors:
-        return 0, float("inf")
-    k = min(errors, key=errors.get)
-    return k, errors[k]
+        return UPRIGHT, float("inf")
+    best = min(errors, key=errors.get)  # on a tie the earlier in ORIENTATIONS: upright first
+    return best, errors[best]
 
 
 # decord's and PyAV's colour conversions of one frame differ by < 1 grey level on average.
@@ -670,15 +737,21 @@ def decode_decord_report(
 
     path = Path(path)
     _check_file(path)
-    formats, steps, pyav_first = _pyav_probe(path)  # also raises the short reasons (not a video, ...)
+    decord.logging.set_level(decord.logging.QUIET)  # what its FFmpeg logs reaches the user as warnings
+    formats, first, streams_note = _first_frame(path)  # also raises the short reasons (not a video, ...)
 
     def fallback(why: str) -> DecodedClip:
         clip = decode_pyav_report(path, max_frames, start, end)
         clip.warnings.insert(0, f"decord {why}; decoded with PyAV")
         return clip
 
-    if not any(name in formats.split(",") for name in _DECORD_CONTAINERS):
+    names = formats.split(",")
+    if any(name in _IMAGE_FORMATS or name.endswith("_pipe") for name in names):
+        return fallback("does not read still images or GIFs")
+    if not any(name in names for name in _DECORD_CONTAINERS):
         return fallback(f"cannot seek accurately in this container ({formats})")
+    if streams_note is not None:  # decord reads the stream FFmpeg rates best, not the default one
+        return fallback("cannot be told which of the file's video streams to read")
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except Exception as err:  # noqa: BLE001  decord raises RuntimeError or DECORDError (an Exception)
@@ -724,18 +797,26 @@ def decode_decord_report(
         return fallback(f"failed while decoding: {_decord_reason(err)}")
     shapes = {frame.shape for frame in got.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
-        # decord 0.6 copies some frame sizes out wrongly (e.g. 48x80 comes back with 4 channels)
+        # decord 0.6 copies some frame sizes out wrongly (e.g. 48x80 comes back with 4 channels),
+        # and scales every frame of a stream whose size changes to its first size
         return fallback(f"returned malformed frames {sorted(shapes)}")
-    turns = steps
-    if pyav_first is not None:
+    turn = UPRIGHT
+    if first is not None:
         # decord's frame 0 must be the stream's first frame: a cheap check that its reading starts
-        # where its numbering says, and the way to learn the rotation decord applied itself.
-        first = got[unique[0]] if unique[0] == 0 else reader[0].asnumpy()
-        applied, diff = _decord_turns(first, pyav_first)
+        # where its numbering says, and the way to learn the orientation decord applied itself.
+        stored = first.to_ndarray(format="rgb24")
+        if next(iter(shapes))[:2] != stored.shape[:2] and next(iter(shapes))[:2] != stored.shape[1::-1]:
+            return fallback("scales the frames of this file (its frame size changes)")
+        decord_first = got[unique[0]] if unique[0] == 0 else reader[0].asnumpy()
+        applied, diff = _decord_applied(decord_first, stored)
         if diff > _SAME_FRAME_MAX_DIFF:
             return fallback("does not start at the stream's first frame")
-        turns = (steps - applied) % 4
-    frames = np.stack([_upright(np.ascontiguousarray(got[i], dtype=np.uint8), turns) for i in indices.tolist()])
+        container, stream = _open_pyav(path)
+        with container:
+            orienter = _Orienter(stream)
+        orienter.learn(first)
+        turn = applied.inverse().then(orienter.orientation(first))
+    frames = np.stack([turn.apply(np.ascontiguousarray(got[i], dtype=np.uint8)) for i in indices.tolist()])
     return DecodedClip(frames=frames, times=times, warnings=_short_file_note(packets))
 
 
