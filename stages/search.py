@@ -733,7 +733,7 @@ def thumbnail_strip(path: str | Path, n_frames: int, height: int, start: float |
 
     frames = decode_clip(path, max_frames=n_frames, start=start, end=end)
     out = []
-    for frame in np.asarray(frames):
+    for frame in frames:  # an array [n, H, W, 3], or a list where the frame size changes
         img = Image.fromarray(frame)
         width = max(1, round(img.width * height / max(img.height, 1)))
         img = img.resize((width, height), Image.Resampling.BILINEAR)

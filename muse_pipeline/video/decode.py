@@ -1,27 +1,38 @@
 """Decode the frames of a clip shown at its sample times, upright, with PyAV or decord (spec section 1).
 
 The rule, the same for both backends (see `sampling`):
+- The video is the default-flagged video stream, else the first (cover art is not a video); a file
+  with several says which was used (`streams`).
 - The timeline is the stream's own presentation timestamps, read from the packets (PyAV) or
   decord's packet index, relative to the stream's start time. A declared frame count, frame rate
-  or duration is never used: a header that lies changes nothing.
+  or duration is never used: a header that lies changes nothing. Where the packets' timestamps are
+  missing or repeat, the decoder's are repaired frame by frame (`timestamps`), never all dropped
+  for a few bad ones.
 - Sample times: 1 per second from the window start over [start, end) of the video's real length
   (end of its last frame), uniformly subsampled to `max_frames`. Each sample gets the frame on
   screen at that time: the last frame whose timestamp is <= t.
 - Short clips are decoded sequentially; when the last sample lies past `SEEK_MIN_FRAMES` frames
   the decoder seeks to the keyframe at or before each sample and decodes forward, so a long video
-  costs a few GOPs per sample, not a full decode.
-- Frames are turned upright as ffmpeg shows them: the display matrix (mp4 `tkhd`, mkv projection)
-  and, when a file has none, the legacy `rotate` tag, in multiples of 90 degrees.
+  costs a few GOPs per sample, not a full decode. Never across a wrap of an MPEG-TS/PS clock
+  (FFmpeg seeks by wrapped timestamps there): such a file is decoded sequentially.
+- Frames are shown as ffmpeg shows them: the full display matrix, rotations and mirrors (mp4
+  `tkhd`, mkv projection, an orientation SEI, which frames after it follow) and, when a file has
+  none, the legacy `rotate` tag (`orientation`).
+- A frame size that changes mid-stream is kept: the sampled frames come back as a list.
 - Damaged files: a sample whose frame does not decode gets the nearest frame that does (the earlier
-  one on a tie), and `DecodedClip.warnings` says so; a file that holds fewer seconds than its header
-  declares (cut short) decodes what it holds, with a warning. `DecodeError` only when the file is
+  one on a tie), and `DecodedClip.warnings` says so; a file whose video stream holds fewer seconds
+  than the stream declares (cut short) decodes what it holds, with a warning (audio that runs on,
+  or a late start, is not a declaration of the video's length). `DecodeError` only when the file is
   missing, empty, not a video, has no video stream or no frame that decodes.
 - A still image or an animated GIF (whatever its file name) is a video of its frames: an image is one
   frame shown for the whole clip, a GIF's frames are shown at their own delays.
 
 decord is used for pixels only where it can be trusted: its own timestamps pick the frames, short
-clips are read sequentially, and anything it cannot open or decode, or a rotation it applies
-differently, is handled by the PyAV path with a warning, so both backends return the same frames.
+clips are read sequentially, an orientation it applies itself is undone, and anything it cannot
+open or decode (images, several video streams, a frame size that changes, which it would scale) is
+handled by the PyAV path with a warning in plain words, so both backends return the same frames.
+FFmpeg's own log lines are never printed (decord's bundled FFmpeg is set quiet): what matters
+reaches the user as warnings.
 """
 
 from __future__ import annotations
@@ -80,13 +91,15 @@ class DecodeError(RuntimeError):
 class DecodedClip:
     """The sampled frames of one clip and what the decoder had to do to get them.
 
-    frames:   uint8 [n, H, W, 3] RGB, upright, 1 <= n <= max_frames
+    frames:   uint8 [n, H, W, 3] RGB, upright, 1 <= n <= max_frames; where the stream's frame size
+              changes between the sampled frames, a list of n uint8 [H_i, W_i, 3] arrays instead
+              (`transforms.preprocess_frames` takes either)
     times:    float64 [n] the sample times (seconds, stream time) the frames stand for
     warnings: short human-readable notes for the failure ledger (e.g. a sample whose frame did not
               decode and was replaced by the nearest decodable one); empty for a clean decode
     """
 
-    frames: np.ndarray
+    frames: np.ndarray | list[np.ndarray]
     times: np.ndarray
     warnings: list[str] = field(default_factory=list)
 
@@ -270,9 +283,11 @@ def _make_timeline(pts, keys, last_duration, stream, container) -> _Timeline:
     )
 
 
-def _packet_timeline(container, stream) -> _Timeline | None:
+def _packet_timeline(container, stream, sizes: set[tuple[int, int]] | None = None) -> _Timeline | None:
     """One demux pass (no decoding). None when some packet has no pts or two share one (then the
-    decoder's timestamps are used, `_decoded_timeline`)."""
+    decoder's timestamps are used, `_decoded_timeline`). `sizes`: also decode the keyframes and
+    collect their (width, height), to tell a stream whose frame size changes (costs a decode per GOP).
+    """
     import av
 
     pts: list[int] = []
@@ -290,11 +305,22 @@ def _packet_timeline(container, stream) -> _Timeline | None:
             durations[packet.pts] = packet.duration or 0
             if packet.is_keyframe:
                 keys.append(packet.pts)
+                if sizes is not None:
+                    sizes.update(_keyframe_sizes(packet))
     except (av.FFmpegError, OSError):
         pass  # a damaged tail ends the index: what was read is what the file holds
     if not pts or len(durations) < len(pts):
         return None  # duplicate pts (seen in MPEG-PS): frames cannot be told apart by timestamp
     return _make_timeline(pts, keys, durations[max(pts)], stream, container)
+
+
+def _keyframe_sizes(packet) -> set[tuple[int, int]]:
+    import av
+
+    try:
+        return {(frame.width, frame.height) for frame in packet.decode()}
+    except (av.FFmpegError, OSError):
+        return set()
 
 
 def _decoded_timeline(container, stream, notes: list[str]) -> _Timeline:
@@ -580,10 +606,11 @@ def _open_pyav(path: Path):
     return container, stream
 
 
-def _pyav_timeline(path: Path, notes: list[str]) -> _Timeline:
+def _pyav_timeline(path: Path, notes: list[str], sizes: set[tuple[int, int]] | None = None) -> _Timeline:
+    """The stream's timeline from its packets, else from a full decode; `sizes`: see `_packet_timeline`."""
     container, stream = _open_pyav(path)
     with container:
-        timeline = _packet_timeline(container, stream) if _has_packet_pts(container, stream) else None
+        timeline = _packet_timeline(container, stream, sizes) if _has_packet_pts(container, stream) else None
     if timeline is None:
         container, stream = _open_pyav(path)
         with container:
@@ -765,7 +792,10 @@ def decode_decord_report(
         return fallback("has no usable frame timestamps for this file")
     # Checked against the container's own packets (a demux pass, no decoding): where they differ
     # (a file cut short, packets without timestamps) decord silently repeats frames at the end.
-    packets = _pyav_timeline(path, [])
+    sizes: set[tuple[int, int]] = set()
+    packets = _pyav_timeline(path, [], sizes)
+    if len(sizes) > 1:  # decord scales every frame to the first one's size
+        return fallback(f"would scale the frames of a stream whose size changes ({len(sizes)} sizes)")
     if packets.by_position:
         return fallback("cannot be checked: the packets carry no usable timestamps")
     if len(packets.times) != n_frames or np.abs(packets.times - frame_times).max() > TIME_TOLERANCE:
@@ -797,16 +827,13 @@ def decode_decord_report(
         return fallback(f"failed while decoding: {_decord_reason(err)}")
     shapes = {frame.shape for frame in got.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
-        # decord 0.6 copies some frame sizes out wrongly (e.g. 48x80 comes back with 4 channels),
-        # and scales every frame of a stream whose size changes to its first size
+        # decord 0.6 copies some frame sizes out wrongly (e.g. 48x80 comes back with 4 channels)
         return fallback(f"returned malformed frames {sorted(shapes)}")
     turn = UPRIGHT
     if first is not None:
         # decord's frame 0 must be the stream's first frame: a cheap check that its reading starts
         # where its numbering says, and the way to learn the orientation decord applied itself.
         stored = first.to_ndarray(format="rgb24")
-        if next(iter(shapes))[:2] != stored.shape[:2] and next(iter(shapes))[:2] != stored.shape[1::-1]:
-            return fallback("scales the frames of this file (its frame size changes)")
         decord_first = got[unique[0]] if unique[0] == 0 else reader[0].asnumpy()
         applied, diff = _decord_applied(decord_first, stored)
         if diff > _SAME_FRAME_MAX_DIFF:
@@ -867,6 +894,7 @@ def decode_clip(
     """Sampled frames of the clip [start, end) of `path` (spec section 1).
 
     Returns uint8 [n, H, W, 3] RGB with 1 <= n <= max_frames (padding to max_frames is the
-    caller's job). Raises `DecodeError` when the file has no decodable video frame.
+    caller's job), or a list of n [H_i, W_i, 3] arrays where the frame size changes mid-stream
+    (see `DecodedClip`). Raises `DecodeError` when the file has no decodable video frame.
     """
     return decode_clip_report(path, max_frames, start=start, end=end, backend=backend).frames
