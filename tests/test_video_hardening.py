@@ -123,20 +123,78 @@ def test_a_few_repeated_pts_keep_the_good_timestamps(tmp_path, timed_video, make
 
 # ------------------------------------------------------------------------------ 2. AVI, B-frames
 
+_VOP = b"\x00\x00\x01\xb6"
 
-def test_avi_with_b_frames_and_no_pts_follows_best_effort_times(tmp_path, make_video):
+
+def _vop_type(data):
+    return "IPBS"[data[data.index(_VOP) + 4] >> 6]
+
+
+def _not_coded_vop(slot):
+    """An MPEG-4 P-VOP with vop_coded = 0 (a frame the encoder skipped: the picture before stays),
+    timed at display slot `slot` (time increment resolution 24000, so a 15-bit increment)."""
+    bits = "01" + "0" + "1" + format((slot * 1001) % 24000, "015b") + "1" + "0"
+    bits += "0" + "1" * ((8 - (len(bits) + 1) % 8) % 8)  # next_start_code stuffing
+    return _VOP + int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+def _packed_divx_avi(tmp_path, make_video, n_frames, skip_after_slot):
+    """An AVI as DivX/Xvid wrote them: "packed" B-frames (a P-VOP and the B-VOP shown before it in
+    one chunk, then a placeholder N-VOP chunk), no pts (AVI has none), and one skipped frame: a
+    lone not-coded VOP after the placeholder at display slot `skip_after_slot`.
+
+    Returns (path, slots): frame k is on screen from display slot slots[k] (slot s = s x 1001/24000 s).
+    """
+    import av
+
     rate = Fraction(24000, 1001)
-    images = list(make_video.frames(240, 64, 48))
-    path = _encode(tmp_path / "bf.avi", images, rate, codec="mpeg4", options={"bf": "2", "g": "24"}, bit_rate=10**6)
-    raw = _raw_frames(path)
-    assert [make_video.index_of(f.to_ndarray(format="rgb24")) for *_, f in raw] == list(range(240))
-    written = [k / rate for k in range(240)]
+    images = list(make_video.frames(n_frames, 64, 48))
+    plain = _encode(tmp_path / "plain.avi", images, rate, codec="mpeg4", options={"bf": "1", "g": "24"}, bit_rate=10**6)
+    with av.open(str(plain)) as source:
+        stream = source.streams.video[0]
+        packets = [(bytes(p), p.is_keyframe) for p in source.demux(stream) if p.size]
+    head, key = packets[0]
+    at = head.index(_VOP)  # DivX's user data with the "p" that tells a decoder the B-frames are packed
+    chunks = [(head[:at] + b"\x00\x00\x01\xb2DivX503b1393p" + head[at:], key)]
+    placeholder = _not_coded_vop(0)[:4] + b"\x7f"  # what DivX writes: a start code and stuffing
+    rest = packets[1:]
+    j = 0
+    while j < len(rest):
+        data, key = rest[j]
+        if j + 1 < len(rest) and _vop_type(rest[j + 1][0]) == "B":
+            chunks += [(data + rest[j + 1][0], key), (placeholder, False)]
+            j += 2
+        else:
+            chunks.append((data, key))
+            j += 1
+        if len(chunks) - 1 == skip_after_slot:
+            assert chunks[-1][0] == placeholder
+            chunks.append((_not_coded_vop(skip_after_slot), False))
+    assert len(chunks) == n_frames + 1
+    path = tmp_path / "packed.avi"
+    with av.open(str(plain)) as source, av.open(str(path), "w") as out:
+        out_stream = out.add_stream_from_template(source.streams.video[0])
+        for slot, (data, key) in enumerate(chunks):
+            packet = av.Packet(data)
+            packet.pts = packet.dts = slot
+            packet.time_base, packet.is_keyframe, packet.stream = Fraction(1001, 24000), key, out_stream
+            out.mux(packet)
+    slots = [k if k <= skip_after_slot else k + 1 for k in range(n_frames)]  # the skipped slot repeats one
+    return path, slots
+
+
+def test_avi_with_packed_b_frames_and_a_skipped_frame(tmp_path, make_video):
+    path, slots = _packed_divx_avi(tmp_path, make_video, 241, skip_after_slot=60)
+    raw = _raw_frames(path)  # the defect: pts out of order, and the decoder's flush frame has no dts
+    assert [make_video.index_of(f.to_ndarray(format="rgb24")) for *_, f in raw] == list(range(241))
+    assert any(b <= a for (a, _, _), (b, _, _) in zip(raw, raw[1:], strict=False)) and raw[-1][1] is None
+    written = [Fraction(s * 1001, 24000) for s in slots]
     for backend in BACKEND_NAMES:
         for window in ((None, None), (0.3, 9.5)):
             clip = decode_clip_report(path, 64, *window, backend=backend)
             assert _indices(make_video, clip.frames) == _shown(written, clip.times), (backend, window)
-    assert 4.96 < 119 / rate < 5.0  # frame 119 is on screen at 5 s (the issue's case)
-    assert _indices(make_video, decode_clip(path, 64))[5] == 119
+    # at 5 s slot 119 is on screen and it shows frame 118 (counting frames, 119, is a frame early)
+    assert _indices(make_video, decode_clip(path, 64))[5] == 118
 
 
 # --------------------------------------------------------------------------- 3. MPEG-TS clock wrap
