@@ -492,6 +492,14 @@ def test_decord_prints_nothing_of_ffmpegs_own_log(bad_videos, tmp_path):
     assert "did not decode" in done.stdout or "cut short" in done.stdout or "decord" in done.stdout, done.stdout
 
 
+def test_decord_fallback_reasons_are_plain_words(tmp_path, make_video):
+    # decord's bundled FFmpeg cannot read AV1: it fails a C++ check ("Check failed: st_nb >= 0 ...")
+    path = _encode(tmp_path / "av1.mkv", list(make_video.frames(20, 64, 48)), 10, codec="libsvtav1")
+    clip = decode_clip_report(path, 4, backend="decord")
+    assert _indices(make_video, clip.frames) == [0, 10]
+    assert clip.warnings == ["decord could not open the file: finds no video stream it can read; decoded with PyAV"]
+
+
 # --------------------------------------------------------------------- 9. stills and GIFs
 
 
