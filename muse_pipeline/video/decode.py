@@ -618,14 +618,31 @@ def _pyav_timeline(path: Path, notes: list[str], sizes: set[tuple[int, int]] | N
     return timeline
 
 
-def _first_frame(path: Path):
-    """(container format name, the chosen stream's first decodable frame or None, the stream note)."""
+@dataclass(frozen=True)
+class _Probe:
+    """What the chosen stream's first frame tells: the container's format name, the frame as
+    stored (rgb [H, W, 3], None when nothing decodes), the orientation it is shown with, and the
+    note for a file with several video streams (None otherwise)."""
+
+    formats: str
+    first: np.ndarray | None
+    orientation: Orientation
+    streams_note: str | None
+
+
+def _probe(path: Path, orienter: _Orienter | None = None) -> _Probe:
+    """Decode the first frame of the chosen stream; `orienter` (of that stream) learns it."""
     container, stream = _open_pyav(path)
     with container:
+        own = _Orienter(stream)
         note = stream_note(container, stream)
         for frame in _frames(container, stream, []):
-            return container.format.name, frame, note
-        return container.format.name, None, note
+            own.learn(frame)
+            if orienter is not None:
+                orienter.learn(frame)
+            rgb = frame.to_ndarray(format="rgb24")
+            return _Probe(container.format.name, rgb, own.orientation(frame), note)
+        return _Probe(container.format.name, None, own.tag or UPRIGHT, note)
 
 
 def _stack(frames: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
@@ -679,9 +696,7 @@ def _pick_pyav(
         streams_note = stream_note(container, stream)
         orienter = _Orienter(stream)
         if use_seek:  # the seeks skip the first frame, whose orientation frames without one follow
-            _, first, _ = _first_frame(path)
-            if first is not None:
-                orienter.learn(first)
+            _probe(path, orienter)
         known = None if timeline.by_position else set(timeline.pts.tolist())
         picker = _Picker(wanted.tolist(), orienter.upright, known)
         if use_seek:
@@ -765,19 +780,19 @@ def decode_decord_report(
     path = Path(path)
     _check_file(path)
     decord.logging.set_level(decord.logging.QUIET)  # what its FFmpeg logs reaches the user as warnings
-    formats, first, streams_note = _first_frame(path)  # also raises the short reasons (not a video, ...)
+    probe = _probe(path)  # also raises the short reasons (not a video, ...)
 
     def fallback(why: str) -> DecodedClip:
         clip = decode_pyav_report(path, max_frames, start, end)
         clip.warnings.insert(0, f"decord {why}; decoded with PyAV")
         return clip
 
-    names = formats.split(",")
+    names = probe.formats.split(",")
     if any(name in _IMAGE_FORMATS or name.endswith("_pipe") for name in names):
         return fallback("does not read still images or GIFs")
     if not any(name in names for name in _DECORD_CONTAINERS):
-        return fallback(f"cannot seek accurately in this container ({formats})")
-    if streams_note is not None:  # decord reads the stream FFmpeg rates best, not the default one
+        return fallback(f"cannot seek accurately in this container ({probe.formats})")
+    if probe.streams_note is not None:  # decord reads the stream FFmpeg rates best, not the default one
         return fallback("cannot be told which of the file's video streams to read")
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
@@ -829,20 +844,15 @@ def decode_decord_report(
     if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
         # decord 0.6 copies some frame sizes out wrongly (e.g. 48x80 comes back with 4 channels)
         return fallback(f"returned malformed frames {sorted(shapes)}")
-    turn = UPRIGHT
-    if first is not None:
+    turn = probe.orientation  # every frame is shown like the first (decord gives no per-frame matrix)
+    if probe.first is not None:
         # decord's frame 0 must be the stream's first frame: a cheap check that its reading starts
         # where its numbering says, and the way to learn the orientation decord applied itself.
-        stored = first.to_ndarray(format="rgb24")
         decord_first = got[unique[0]] if unique[0] == 0 else reader[0].asnumpy()
-        applied, diff = _decord_applied(decord_first, stored)
+        applied, diff = _decord_applied(decord_first, probe.first)
         if diff > _SAME_FRAME_MAX_DIFF:
             return fallback("does not start at the stream's first frame")
-        container, stream = _open_pyav(path)
-        with container:
-            orienter = _Orienter(stream)
-        orienter.learn(first)
-        turn = applied.inverse().then(orienter.orientation(first))
+        turn = applied.inverse().then(probe.orientation)
     frames = np.stack([turn.apply(np.ascontiguousarray(got[i], dtype=np.uint8)) for i in indices.tolist()])
     return DecodedClip(frames=frames, times=times, warnings=_short_file_note(packets))
 

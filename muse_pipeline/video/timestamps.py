@@ -1,8 +1,9 @@
 """Presentation times out of the timestamps a decoder hands back, repaired frame by frame.
 
 `best_effort_ticks(pts, dts)` follows FFmpeg's best-effort timestamp (libavcodec's
-guess_correct_pts): take the frames' pts unless they go backwards (or are missing) more often than
-their dts do, then take the dts. Where the chosen series is bad only in places (two frames share a
+guess_correct_pts), decided once for the whole stream from its totals rather than frame by frame
+from running counts: take the frames' pts unless they go backwards (or are missing) more often
+than their dts do, then take the dts. Where the chosen series is bad only in places (two frames share a
 pts, one is missing or jumps back), only those frames are repaired: the frames of a longest strictly
 increasing run of the series keep their timestamps, every other frame gets a time interpolated by
 position between its kept neighbours (or extrapolated at the ends by the typical frame step). A
