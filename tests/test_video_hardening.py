@@ -49,8 +49,9 @@ def _raw_frames(path, stream_index=0):
         return [(f.pts, f.dts, f) for f in container.decode(stream)]
 
 
-def _encode(path, images, rate, codec="libx264", container_options=None, options=None, bit_rate=None, default=None):
-    """Encode `images` (rgb arrays) as frames 0, 1, ... at `rate` into `path`."""
+def _encode(path, images, rate, codec="libx264", container_options=None, options=None, bit_rate=None, display=None):
+    """Encode `images` (rgb arrays) as frames 0, 1, ... at `rate` into `path`; `display`: a display
+    matrix as (counter-clockwise degrees, hflip, vflip)."""
     import av
 
     height, width = images[0].shape[:2]
@@ -63,6 +64,9 @@ def _encode(path, images, rate, codec="libx264", container_options=None, options
             stream.options = options
         if bit_rate:
             stream.codec_context.bit_rate = bit_rate
+        if display is not None:
+            degrees, hflip, vflip = display
+            stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
         for k, image in enumerate(images):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = k
@@ -397,24 +401,10 @@ def _ffmpeg_autorotate(image, matrix):
 )
 @pytest.mark.parametrize("suffix", ["mp4", "mkv"])
 def test_flip_display_matrices_are_applied_in_full(tmp_path, make_video, degrees, hflip, vflip, suffix):
-    import av
-
     images = list(make_video.frames(30, 64, 32))
     for image in images:
         image[:8, :10] = 255  # the top-left corner, so that every mirror shows
-    path = tmp_path / f"flip.{suffix}"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
-        stream.options = _x264(10)
-        stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
-        for k, image in enumerate(images):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = k
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = _encode(tmp_path / f"flip.{suffix}", images, 10, options=_x264(10), display=(degrees, hflip, vflip))
     raw = _raw_frames(path)
     matrix = _matrix(raw[0][2])
     assert matrix is not None
