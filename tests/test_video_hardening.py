@@ -22,6 +22,7 @@ from muse_pipeline.data import load_dataset
 from muse_pipeline.data.folder import IMAGE_EXTENSIONS
 from muse_pipeline.video import decode_clip, decode_clip_report, preprocess_frames
 from muse_pipeline.video.decode import BACKENDS, decode_pyav_report
+from muse_pipeline.video.orientation import from_display_matrix
 from muse_pipeline.video.timestamps import best_effort_ticks, longest_increasing, repair_ticks
 
 BACKEND_NAMES = sorted(BACKENDS)
@@ -414,6 +415,31 @@ def test_flip_display_matrices_are_applied_in_full(tmp_path, make_video, degrees
         assert frames.shape == want.shape, backend
         assert np.abs(frames.astype(int) - want.astype(int)).mean() < 2.0, backend
     np.testing.assert_array_equal(decode_clip(path, 12), want)
+
+
+def _ffmpeg_display_matrix(clockwise_degrees, hflip, vflip):
+    """libavutil's av_display_rotation_set + av_display_matrix_flip, restated (16.16 fixed point)."""
+    radians = -clockwise_degrees * math.pi / 180
+    c, s = math.cos(radians), math.sin(radians)
+    m = [round(c * 65536), round(-s * 65536), 0, round(s * 65536), round(c * 65536), 0, 0, 0, 1 << 30]
+    flip = [-1 if hflip else 1, -1 if vflip else 1, 1]
+    return [v * flip[i % 3] for i, v in enumerate(m)]
+
+
+def test_every_axis_aligned_matrix_matches_ffmpegs_autorotation():
+    image = np.arange(2 * 3).reshape(2, 3)  # no symmetry: every orientation moves it differently
+    seen = set()
+    for degrees in (0, 90, 180, 270, 30, 100):
+        for hflip in (False, True):
+            for vflip in (False, True):
+                matrix = _ffmpeg_display_matrix(degrees, hflip, vflip)
+                got = from_display_matrix(matrix).apply(image)
+                if degrees in (30, 100):  # not axis-aligned: the nearest quarter turn
+                    matrix = _ffmpeg_display_matrix(round(degrees / 90) * 90, hflip, vflip)
+                want = _ffmpeg_autorotate(image, matrix)
+                assert got.shape == want.shape and np.array_equal(got, want), (degrees, hflip, vflip)
+                seen.add(want.tobytes() + bytes(want.shape))
+    assert len(seen) == 8  # all eight orientations were among the cases
 
 
 # ------------------------------------------------------------------- 7. declared length, Matroska
