@@ -45,16 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from muse_pipeline.video.orientation import (
-    ORIENTATIONS,
-    UPRIGHT,
-    Orientation,
-    frame_display_matrix,
-    from_display_matrix,
-    tag_orientation,
-)
+from muse_pipeline.video.orientation import ORIENTATIONS, UPRIGHT, FrameOrienter, Orientation
 from muse_pipeline.video.sampling import TIME_TOLERANCE, clip_sample_times, displayed_frames, video_duration
-from muse_pipeline.video.streams import choose_video_stream, stream_note
+from muse_pipeline.video.streams import choose_video_stream, declared_seconds, stream_note
 from muse_pipeline.video.timestamps import best_effort_ticks, crosses_wrap
 
 # When the last sampled frame lies past this many frames (about 1 min at 30 fps) the PyAV backend
@@ -169,35 +162,6 @@ def _open_failure(path: Path, err: BaseException) -> DecodeError:
 # ---------------------------------------------------------------------------------- orientation
 
 
-class _Orienter:
-    """Turns decoded frames upright as FFmpeg shows them (see `orientation`).
-
-    A frame's own display matrix wins; a frame without one is shown like the stream's first frame
-    (an orientation SEI sent once applies to the frames after it), else by the legacy `rotate` tag.
-    `learn(first)` must see the stream's first decoded frame before `upright` is asked.
-    """
-
-    def __init__(self, stream) -> None:
-        self.tag = tag_orientation(stream.metadata)
-        self.first: Orientation | None = None
-        self.learned = False
-
-    def learn(self, first_frame) -> None:
-        if not self.learned:
-            matrix = frame_display_matrix(first_frame)
-            self.first = from_display_matrix(matrix) if matrix is not None else None
-            self.learned = True
-
-    def orientation(self, frame) -> Orientation:
-        matrix = frame_display_matrix(frame)
-        if matrix is not None:
-            return from_display_matrix(matrix)
-        return self.first or self.tag or UPRIGHT
-
-    def upright(self, frame) -> np.ndarray:
-        return self.orientation(frame).apply(frame.to_ndarray(format="rgb24"))
-
-
 # ----------------------------------------------------------------------------------- timeline
 
 
@@ -235,39 +199,6 @@ def _wraps(container, pts: np.ndarray) -> bool:
     return bits is not None and len(pts) > 0 and crosses_wrap(int(pts.min()), int(pts.max()), bits)
 
 
-def _duration_tag(stream) -> float | None:
-    """Matroska's per-track DURATION tag ("HH:MM:SS.nnnnnnnnn", the end of the track), in seconds."""
-    for key, value in stream.metadata.items():
-        if key.upper() == "DURATION":
-            match = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)\s*", str(value))
-            if match:
-                hours, minutes, seconds = match.groups()
-                return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    return None
-
-
-def _declared_seconds(container, stream) -> float | None:
-    """How long the video stream itself says it lasts, or None where only the file as a whole does.
-
-    The stream's own duration, else Matroska's track DURATION tag (an end time: the stream's start
-    is taken off). The container's duration covers every stream (audio that runs on) and may be an
-    end time (a 10-hour start offset): used only for a file whose one stream is the video and that
-    starts at 0.
-    """
-    tb = float(stream.time_base) if stream.time_base else None
-    start = stream.start_time * tb if stream.start_time is not None and tb else 0.0
-    if stream.duration is not None and tb:
-        return float(stream.duration * tb)
-    end = _duration_tag(stream)
-    if end is not None:
-        return end - start
-    only_stream = len(container.streams) == 1
-    starts_at_zero = not container.start_time
-    if container.duration is not None and only_stream and starts_at_zero:
-        return container.duration / 1_000_000
-    return None
-
-
 def _make_timeline(pts, keys, last_duration, stream, container) -> _Timeline:
     pts = np.unique(np.asarray(pts, dtype=np.int64))
     tb = float(stream.time_base) if stream.time_base else 1.0
@@ -278,7 +209,7 @@ def _make_timeline(pts, keys, last_duration, stream, container) -> _Timeline:
         times=times,
         keyframes=np.unique(np.asarray(keys, dtype=np.int64)),
         duration=video_duration(times, None if last_duration is None else last_duration * tb),
-        declared=_declared_seconds(container, stream),
+        declared=declared_seconds(container, stream),
         wraps=_wraps(container, pts),
     )
 
@@ -351,7 +282,7 @@ def _decoded_timeline(container, stream, notes: list[str]) -> _Timeline:
         times=times,
         keyframes=np.zeros(0, dtype=np.int64),
         duration=video_duration(times),
-        declared=_declared_seconds(container, stream),
+        declared=declared_seconds(container, stream),
         by_position=True,
     )
 
@@ -477,7 +408,7 @@ def _frame_pts(frame) -> int | None:
 
 
 def _decode_sequential(
-    container, stream, picker: _Picker, notes: list[str], by_position: bool = False, orienter: _Orienter | None = None
+    container, stream, picker: _Picker, notes: list[str], by_position: bool = False, orienter: FrameOrienter | None = None
 ) -> None:
     """Decode from the start; frames are known by pts, or by position for `_Timeline.by_position`.
     `orienter` learns the stream's first frame on the way."""
@@ -630,11 +561,11 @@ class _Probe:
     streams_note: str | None
 
 
-def _probe(path: Path, orienter: _Orienter | None = None) -> _Probe:
+def _probe(path: Path, orienter: FrameOrienter | None = None) -> _Probe:
     """Decode the first frame of the chosen stream; `orienter` (of that stream) learns it."""
     container, stream = _open_pyav(path)
     with container:
-        own = _Orienter(stream)
+        own = FrameOrienter(stream)
         note = stream_note(container, stream)
         for frame in _frames(container, stream, []):
             own.learn(frame)
@@ -694,7 +625,7 @@ def _pick_pyav(
     container, stream = _open_pyav(path)
     with container:
         streams_note = stream_note(container, stream)
-        orienter = _Orienter(stream)
+        orienter = FrameOrienter(stream)
         if use_seek:  # the seeks skip the first frame, whose orientation frames without one follow
             _probe(path, orienter)
         known = None if timeline.by_position else set(timeline.pts.tolist())

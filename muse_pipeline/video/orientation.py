@@ -11,6 +11,9 @@ Display matrix (FFmpeg's AV_FRAME_DATA_DISPLAYMATRIX): 9 int32 [a b u; c d v; x 
 form, (p', q', 1) = (p, q, 1) * M, with p the column (to the right) and q the row (down):
 p' = a*p + c*q + x, q' = b*p + d*q + y. Only the signs and the larger of the entries matter here;
 a matrix that is not axis-aligned (a rotation of 30 degrees) is taken as its nearest quarter turn.
+
+`FrameOrienter` applies this to a stream's PyAV frames: a frame's own matrix, else the stream's
+first frame's (an orientation SEI sent once), else the legacy `rotate` tag.
 """
 
 from __future__ import annotations
@@ -93,3 +96,32 @@ def frame_display_matrix(frame) -> tuple[int, ...] | None:
             if len(data) >= 36:
                 return tuple(np.frombuffer(data[:36], dtype="<i4").tolist())
     return None
+
+
+class FrameOrienter:
+    """Turns a stream's decoded PyAV frames the way FFmpeg shows them.
+
+    A frame's own display matrix wins; a frame without one is shown like the stream's first frame
+    (an orientation SEI sent once applies to the frames after it), else by the legacy `rotate` tag.
+    `learn(first)` must see the stream's first decoded frame before `upright` is asked.
+    """
+
+    def __init__(self, stream) -> None:
+        self.tag = tag_orientation(stream.metadata)
+        self.first: Orientation | None = None
+        self.learned = False
+
+    def learn(self, first_frame) -> None:
+        if not self.learned:
+            matrix = frame_display_matrix(first_frame)
+            self.first = from_display_matrix(matrix) if matrix is not None else None
+            self.learned = True
+
+    def orientation(self, frame) -> Orientation:
+        matrix = frame_display_matrix(frame)
+        if matrix is not None:
+            return from_display_matrix(matrix)
+        return self.first or self.tag or UPRIGHT
+
+    def upright(self, frame) -> np.ndarray:
+        return self.orientation(frame).apply(frame.to_ndarray(format="rgb24"))
