@@ -489,6 +489,15 @@ def test_no_cut_short_warning_for_matroska_audio_or_start_offset(tmp_path, make_
         assert clip.warnings == [], clip.warnings
 
 
+def test_matroska_video_really_cut_short_still_warns(tmp_path, timed_video, make_video):
+    full = timed_video(tmp_path / "full.mkv", [k / 10 for k in range(100)], gop=10)  # 10 s
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    for backend in BACKEND_NAMES:
+        clip = decode_clip_report(cut, 12, backend=backend)
+        assert len(clip.warnings) == 1 and "declares 9.90 s" in clip.warnings[0], clip.warnings
+
+
 # --------------------------------------------------------------------- 8. native logs, quiet
 
 
