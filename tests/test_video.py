@@ -58,8 +58,12 @@ def test_displayed_frames_is_the_last_frame_at_or_before_t():
     np.testing.assert_array_equal(got, [0, 0, 1, 1, 2, 2, 3, 4, 4])
     # before the first frame (a stream that starts late): the first frame
     np.testing.assert_array_equal(displayed_frames(np.array([0.5, 1.5]), np.array([0.0, 1.0])), [0, 0])
-    # float32 timestamps (decord) a hair above t still count as shown at t
-    np.testing.assert_array_equal(displayed_frames(np.array([np.float32(1 / 3) * 3], np.float64), [1.0]), [0])
+    # float32 timestamps (decord) a hair above t still count as shown at t: two frames either side
+    # of t, so that without the tolerance the sample would get the earlier one
+    above = float(np.float32(1.1))  # 1.10000002384...
+    assert above > 1.1
+    np.testing.assert_array_equal(displayed_frames(np.array([0.5, above]), [1.1]), [1])
+    np.testing.assert_array_equal(displayed_frames(np.array([0.5, 1.1 + 0.01]), [1.1]), [0])  # a real frame after t
     with pytest.raises(ValueError, match="no frames"):
         displayed_frames(np.array([]), np.array([0.0]))
     with pytest.raises(ValueError, match="sorted"):

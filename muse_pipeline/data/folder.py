@@ -1,6 +1,7 @@
 """A user's own directory of videos, with optional captions; plus the file helpers every loader shares.
 
-Layout: video files anywhere under `root/` (searched recursively, symlinked folders followed). A
+Layout: video files anywhere under `root/` (searched recursively, symlinked folders followed), and
+stills and GIFs (`IMAGE_EXTENSIONS`: .gif, .png, .jpg, .jpeg), which are videos of their frames. A
 video's id is its path relative to `root`, without extension, with "/" separators ("trips/beach");
 files that share a name in one folder keep their extension in the id ("clip.mp4", "clip.mkv"). Optional captions in
 `root/captions.csv` (columns `video`, `caption`, optional `split`, `start`, `end`) or
@@ -33,6 +34,10 @@ from muse_pipeline.data.base import (
 VIDEO_EXTENSIONS = (
     ".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ogv", ".ts",
 )  # fmt: skip
+# Stills and GIFs: the folder dataset takes them as videos (a still is one frame for the whole clip,
+# a GIF's frames are shown at their own delays; see video/decode.py). Named datasets do not: their
+# video folders may hold thumbnails next to the videos.
+IMAGE_EXTENSIONS = (".gif", ".png", ".jpg", ".jpeg")
 
 
 # ------------------------------------------------------------------------ shared helpers
@@ -44,8 +49,11 @@ def strip_video_extension(name: str) -> str:
     return stem if ext.lower() in VIDEO_EXTENSIONS else name
 
 
-def scan_videos(directory: Path, recursive: bool = True) -> list[Path]:
-    """Video files under `directory`, sorted; hidden files and folders are skipped.
+def scan_videos(
+    directory: Path, recursive: bool = True, extensions: Sequence[str] = VIDEO_EXTENSIONS
+) -> list[Path]:
+    """Files under `directory` whose extension (any case) is in `extensions`, sorted; hidden files
+    and folders are skipped.
 
     Symlinked folders are followed (a dataset assembled from links is common); a folder reached a
     second time (a link loop, or two links to one folder) is skipped, so the walk always ends and
@@ -72,7 +80,7 @@ def scan_videos(directory: Path, recursive: bool = True) -> list[Path]:
         keep = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
         dirnames[:] = [d for d in keep if first_visit(os.path.join(dirpath, d))]
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
                 found.append(Path(dirpath) / name)
     return sorted(found)
 
@@ -213,7 +221,7 @@ def load_folder(root: Path) -> DatasetIndex:
     root = Path(root)
     if not root.is_dir():
         raise AnnotationError(root, "not a directory")
-    ids = video_ids(root, scan_videos(root, recursive=True))
+    ids = video_ids(root, scan_videos(root, recursive=True, extensions=VIDEO_EXTENSIONS + IMAGE_EXTENSIONS))
     # Lookup by id, by relative path with extension, and by bare file name when unique.
     lookup: dict[str, str] = {}
     name_count: dict[str, int] = {}

@@ -1,27 +1,38 @@
 """Decode the frames of a clip shown at its sample times, upright, with PyAV or decord (spec section 1).
 
 The rule, the same for both backends (see `sampling`):
+- The video is the default-flagged video stream, else the first (cover art is not a video); a file
+  with several says which was used (`streams`).
 - The timeline is the stream's own presentation timestamps, read from the packets (PyAV) or
   decord's packet index, relative to the stream's start time. A declared frame count, frame rate
-  or duration is never used: a header that lies changes nothing.
+  or duration is never used: a header that lies changes nothing. Where the packets' timestamps are
+  missing or repeat, the decoder's are repaired frame by frame (`timestamps`), never all dropped
+  for a few bad ones.
 - Sample times: 1 per second from the window start over [start, end) of the video's real length
   (end of its last frame), uniformly subsampled to `max_frames`. Each sample gets the frame on
   screen at that time: the last frame whose timestamp is <= t.
 - Short clips are decoded sequentially; when the last sample lies past `SEEK_MIN_FRAMES` frames
   the decoder seeks to the keyframe at or before each sample and decodes forward, so a long video
-  costs a few GOPs per sample, not a full decode.
-- Frames are turned upright as ffmpeg shows them: the display matrix (mp4 `tkhd`, mkv projection)
-  and, when a file has none, the legacy `rotate` tag, in multiples of 90 degrees.
+  costs a few GOPs per sample, not a full decode. Never across a wrap of an MPEG-TS/PS clock
+  (FFmpeg seeks by wrapped timestamps there): such a file is decoded sequentially.
+- Frames are shown as ffmpeg shows them: the full display matrix, rotations and mirrors (mp4
+  `tkhd`, mkv projection, an orientation SEI, which frames after it follow) and, when a file has
+  none, the legacy `rotate` tag (`orientation`).
+- A frame size that changes mid-stream is kept: the sampled frames come back as a list.
 - Damaged files: a sample whose frame does not decode gets the nearest frame that does (the earlier
-  one on a tie), and `DecodedClip.warnings` says so; a file that holds fewer seconds than its header
-  declares (cut short) decodes what it holds, with a warning. `DecodeError` only when the file is
+  one on a tie), and `DecodedClip.warnings` says so; a file whose video stream holds fewer seconds
+  than the stream declares (cut short) decodes what it holds, with a warning (audio that runs on,
+  or a late start, is not a declaration of the video's length). `DecodeError` only when the file is
   missing, empty, not a video, has no video stream or no frame that decodes.
 - A still image or an animated GIF (whatever its file name) is a video of its frames: an image is one
   frame shown for the whole clip, a GIF's frames are shown at their own delays.
 
 decord is used for pixels only where it can be trusted: its own timestamps pick the frames, short
-clips are read sequentially, and anything it cannot open or decode, or a rotation it applies
-differently, is handled by the PyAV path with a warning, so both backends return the same frames.
+clips are read sequentially, an orientation it applies itself is undone, and anything it cannot
+open or decode (images, several video streams, a frame size that changes, which it would scale) is
+handled by the PyAV path with a warning in plain words, so both backends return the same frames.
+FFmpeg's own log lines are never printed (decord's bundled FFmpeg is set quiet): what matters
+reaches the user as warnings.
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
+from muse_pipeline.video.orientation import ORIENTATIONS, UPRIGHT, FrameOrienter, Orientation
 from muse_pipeline.video.sampling import TIME_TOLERANCE, clip_sample_times, displayed_frames, video_duration
+from muse_pipeline.video.streams import choose_video_stream, declared_seconds, stream_note
+from muse_pipeline.video.timestamps import best_effort_ticks, crosses_wrap
 
 # When the last sampled frame lies past this many frames (about 1 min at 30 fps) the PyAV backend
 # seeks to keyframes instead of decoding everything in between: short clips decode faster in one run.
@@ -70,13 +84,15 @@ class DecodeError(RuntimeError):
 class DecodedClip:
     """The sampled frames of one clip and what the decoder had to do to get them.
 
-    frames:   uint8 [n, H, W, 3] RGB, upright, 1 <= n <= max_frames
+    frames:   uint8 [n, H, W, 3] RGB, upright, 1 <= n <= max_frames; where the stream's frame size
+              changes between the sampled frames, a list of n uint8 [H_i, W_i, 3] arrays instead
+              (`transforms.preprocess_frames` takes either)
     times:    float64 [n] the sample times (seconds, stream time) the frames stand for
     warnings: short human-readable notes for the failure ledger (e.g. a sample whose frame did not
               decode and was replaced by the nearest decodable one); empty for a clean decode
     """
 
-    frames: np.ndarray
+    frames: np.ndarray | list[np.ndarray]
     times: np.ndarray
     warnings: list[str] = field(default_factory=list)
 
@@ -121,6 +137,8 @@ _DECORD_REASONS = (
     ("Invalid data", "met invalid data in the stream"),
     ("Failed to measure duration", "cannot index it (no duration or frame count it can measure)"),
     ("av_read_frame failed", "cannot read all of its packets"),
+    ("st_nb >= 0", "finds no video stream it can read"),
+    ("Check failed", "stopped on an internal check"),
 )
 
 
@@ -144,26 +162,6 @@ def _open_failure(path: Path, err: BaseException) -> DecodeError:
 # ---------------------------------------------------------------------------------- orientation
 
 
-def _rotation_steps(ccw_degrees: float) -> int:
-    """Quarter turns counter-clockwise (np.rot90's k) that make a frame upright."""
-    return int(round(ccw_degrees / 90.0)) % 4
-
-
-def _tag_rotation(stream) -> float:
-    """Counter-clockwise degrees from a legacy `rotate` tag (clockwise degrees, as old ffmpeg wrote it)."""
-    for key, value in stream.metadata.items():
-        if key.lower() == "rotate":
-            try:
-                return -float(value)
-            except ValueError:
-                return 0.0
-    return 0.0
-
-
-def _upright(rgb: np.ndarray, steps: int) -> np.ndarray:
-    return np.ascontiguousarray(np.rot90(rgb, steps)) if steps else rgb
-
-
 # ----------------------------------------------------------------------------------- timeline
 
 
@@ -176,9 +174,11 @@ class _Timeline:
     times:     float64 [n] seconds from the stream's start
     keyframes: int64 [k] sorted pts of the keyframes (empty: cannot seek)
     duration:  seconds the video plays (end of its last frame)
-    declared:  seconds the header declares, or None
+    declared:  seconds the video stream itself declares, or None
     by_position: `pts` are the frames' positions in a sequential decode (streams without usable
-               timestamps): such a stream is only ever decoded sequentially
+               timestamps, or repaired ones): such a stream is only ever decoded sequentially
+    wraps:     the timestamps pass a wrap of the container's clock (MPEG-TS/PS): FFmpeg seeks by
+               wrapped ones there and lands elsewhere, so the stream is decoded sequentially
     """
 
     pts: np.ndarray
@@ -187,14 +187,16 @@ class _Timeline:
     duration: float
     declared: float | None
     by_position: bool = False
+    wraps: bool = False
 
 
-def _declared_seconds(container, stream) -> float | None:
-    if stream.duration is not None and stream.time_base:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / 1_000_000
-    return None
+# Bits of the timestamp clock of containers whose clock wraps within hours (90 kHz, 33 bits: 26.5 h).
+_CLOCK_BITS = {"mpegts": 33, "mpeg": 33, "mpegvideo": 33}
+
+
+def _wraps(container, pts: np.ndarray) -> bool:
+    bits = next((_CLOCK_BITS[n] for n in container.format.name.split(",") if n in _CLOCK_BITS), None)
+    return bits is not None and len(pts) > 0 and crosses_wrap(int(pts.min()), int(pts.max()), bits)
 
 
 def _make_timeline(pts, keys, last_duration, stream, container) -> _Timeline:
@@ -207,13 +209,16 @@ def _make_timeline(pts, keys, last_duration, stream, container) -> _Timeline:
         times=times,
         keyframes=np.unique(np.asarray(keys, dtype=np.int64)),
         duration=video_duration(times, None if last_duration is None else last_duration * tb),
-        declared=_declared_seconds(container, stream),
+        declared=declared_seconds(container, stream),
+        wraps=_wraps(container, pts),
     )
 
 
-def _packet_timeline(container, stream) -> _Timeline | None:
+def _packet_timeline(container, stream, sizes: set[tuple[int, int]] | None = None) -> _Timeline | None:
     """One demux pass (no decoding). None when some packet has no pts or two share one (then the
-    decoder's timestamps are used, `_decoded_timeline`)."""
+    decoder's timestamps are used, `_decoded_timeline`). `sizes`: also decode the keyframes and
+    collect their (width, height), to tell a stream whose frame size changes (costs a decode per GOP).
+    """
     import av
 
     pts: list[int] = []
@@ -231,6 +236,8 @@ def _packet_timeline(container, stream) -> _Timeline | None:
             durations[packet.pts] = packet.duration or 0
             if packet.is_keyframe:
                 keys.append(packet.pts)
+                if sizes is not None:
+                    sizes.update(_keyframe_sizes(packet))
     except (av.FFmpegError, OSError):
         pass  # a damaged tail ends the index: what was read is what the file holds
     if not pts or len(durations) < len(pts):
@@ -238,13 +245,23 @@ def _packet_timeline(container, stream) -> _Timeline | None:
     return _make_timeline(pts, keys, durations[max(pts)], stream, container)
 
 
+def _keyframe_sizes(packet) -> set[tuple[int, int]]:
+    import av
+
+    try:
+        return {(frame.width, frame.height) for frame in packet.decode()}
+    except (av.FFmpegError, OSError):
+        return set()
+
+
 def _decoded_timeline(container, stream, notes: list[str]) -> _Timeline:
     """Presentation times from a full decode, for streams whose packets carry no usable pts.
 
     Raw elementary streams (.h264) have none; AVI stores none, and with B-frames the demuxer's
-    are decode-order numbers. Like ffmpeg's best-effort timestamp: the decoded frames' pts if they
-    increase, else their dts if those do, else frame n at n / the stream's frame rate. Times count
-    from the first frame (a dts carries the decoder's reordering delay).
+    are decode-order numbers; some files repeat a pts here and there. FFmpeg's best-effort rule,
+    repaired frame by frame (`timestamps.best_effort_ticks`): the frames' pts or dts where sound,
+    the bad ones re-timed between their neighbours; with no timestamp at all, frame n at n / the
+    stream's frame rate. Times count from the first frame (a dts carries the decoder's delay).
     """
     pts: list[int | None] = []
     dts: list[int | None] = []
@@ -253,22 +270,19 @@ def _decoded_timeline(container, stream, notes: list[str]) -> _Timeline:
         dts.append(frame.dts)
     if not pts:
         raise DecodeError(container.name, "no decodable video frame")
-
-    def increasing(ticks: list[int | None]) -> bool:
-        return all(t is not None for t in ticks) and all(b > a for a, b in zip(ticks, ticks[1:], strict=False))
-
-    ticks = pts if increasing(pts) else dts if increasing(dts) else None
+    tb = float(stream.time_base) if stream.time_base else None
+    rate = float(stream.guessed_rate or stream.average_rate or 25)
+    ticks = best_effort_ticks(pts, dts, step=1.0 / (rate * tb) if tb else None) if tb else None
     if ticks is not None:
-        times = (np.asarray(ticks, dtype=np.int64) - ticks[0]).astype(np.float64) * float(stream.time_base)
+        times = (ticks - ticks[0]) * tb
     else:
-        rate = stream.guessed_rate or stream.average_rate or 25
-        times = np.arange(len(pts), dtype=np.float64) / float(rate)
+        times = np.arange(len(pts), dtype=np.float64) / rate
     return _Timeline(
         pts=np.arange(len(pts), dtype=np.int64),
         times=times,
         keyframes=np.zeros(0, dtype=np.int64),
         duration=video_duration(times),
-        declared=_declared_seconds(container, stream),
+        declared=declared_seconds(container, stream),
         by_position=True,
     )
 
@@ -393,9 +407,14 @@ def _frame_pts(frame) -> int | None:
     return frame.pts
 
 
-def _decode_sequential(container, stream, picker: _Picker, notes: list[str], by_position: bool = False) -> None:
-    """Decode from the start; frames are known by pts, or by position for `_Timeline.by_position`."""
+def _decode_sequential(
+    container, stream, picker: _Picker, notes: list[str], by_position: bool = False, orienter: FrameOrienter | None = None
+) -> None:
+    """Decode from the start; frames are known by pts, or by position for `_Timeline.by_position`.
+    `orienter` learns the stream's first frame on the way."""
     for position, frame in enumerate(_frames(container, stream, notes)):
+        if position == 0 and orienter is not None:
+            orienter.learn(frame)
         pts = position if by_position else _frame_pts(frame)
         if pts is None:
             continue
@@ -503,30 +522,63 @@ def _short_file_note(timeline: _Timeline) -> list[str]:
 
 
 def _open_pyav(path: Path):
+    """(container, the video stream to decode: `streams.choose_video_stream`)."""
     import av
 
     try:
         container = av.open(str(path))
     except Exception as err:  # noqa: BLE001  any FFmpeg/OS error means the file is unusable
         raise _open_failure(path, err) from err
-    # An attached picture (the cover art of a song or podcast) is a "video" stream of one image.
-    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
-    if not videos:
+    stream = choose_video_stream(container)
+    if stream is None:
         audio = bool(container.streams.audio)
         container.close()
         raise DecodeError(path, "no video stream (audio only)" if audio else "no video stream")
-    return container, videos[0]
+    return container, stream
 
 
-def _pyav_timeline(path: Path, notes: list[str]) -> _Timeline:
+def _pyav_timeline(path: Path, notes: list[str], sizes: set[tuple[int, int]] | None = None) -> _Timeline:
+    """The stream's timeline from its packets, else from a full decode; `sizes`: see `_packet_timeline`."""
     container, stream = _open_pyav(path)
     with container:
-        timeline = _packet_timeline(container, stream) if _has_packet_pts(container, stream) else None
+        timeline = _packet_timeline(container, stream, sizes) if _has_packet_pts(container, stream) else None
     if timeline is None:
         container, stream = _open_pyav(path)
         with container:
             timeline = _decoded_timeline(container, stream, notes)
     return timeline
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What the chosen stream's first frame tells: the container's format name, the frame as
+    stored (rgb [H, W, 3], None when nothing decodes), the orientation it is shown with, and the
+    note for a file with several video streams (None otherwise)."""
+
+    formats: str
+    first: np.ndarray | None
+    orientation: Orientation
+    streams_note: str | None
+
+
+def _probe(path: Path, orienter: FrameOrienter | None = None) -> _Probe:
+    """Decode the first frame of the chosen stream; `orienter` (of that stream) learns it."""
+    container, stream = _open_pyav(path)
+    with container:
+        own = FrameOrienter(stream)
+        note = stream_note(container, stream)
+        for frame in _frames(container, stream, []):
+            own.learn(frame)
+            if orienter is not None:
+                orienter.learn(frame)
+            rgb = frame.to_ndarray(format="rgb24")
+            return _Probe(container.format.name, rgb, own.orientation(frame), note)
+        return _Probe(container.format.name, None, own.tag or UPRIGHT, note)
+
+
+def _stack(frames: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One array [n, H, W, 3] when the frames share a size, else the list (a stream whose size changes)."""
+    return np.stack(frames) if len({f.shape for f in frames}) == 1 else frames
 
 
 def decode_pyav_report(
@@ -568,37 +620,35 @@ def _pick_pyav(
     wanted = timeline.pts[displayed_frames(timeline.times, times)]
     position = int(np.searchsorted(timeline.pts, wanted.max()))
     use_seek = seek if seek is not None else position >= SEEK_MIN_FRAMES
-    use_seek = use_seek and len(timeline.keyframes) > 0 and not timeline.by_position
+    use_seek = use_seek and len(timeline.keyframes) > 0 and not timeline.by_position and not timeline.wraps
 
     container, stream = _open_pyav(path)
     with container:
-        tag_steps = _rotation_steps(_tag_rotation(stream))
-
-        def convert(frame) -> np.ndarray:
-            rotation = frame.rotation  # the display matrix, counter-clockwise degrees
-            steps = _rotation_steps(rotation) if rotation else tag_steps
-            return _upright(frame.to_ndarray(format="rgb24"), steps)
-
+        streams_note = stream_note(container, stream)
+        orienter = FrameOrienter(stream)
+        if use_seek:  # the seeks skip the first frame, whose orientation frames without one follow
+            _probe(path, orienter)
         known = None if timeline.by_position else set(timeline.pts.tolist())
-        picker = _Picker(wanted.tolist(), convert, known)
+        picker = _Picker(wanted.tolist(), orienter.upright, known)
         if use_seek:
             _decode_seeking(container, stream, timeline.keyframes, picker, notes)
             if any(used != w for w, (used, _) in picker.got.items()):
                 # A sample lost its frame: decode again without skipping non-reference frames, so
                 # that the nearest decodable frame, whatever its kind, can stand in.
-                picker = _Picker(wanted.tolist(), convert, known)
+                picker = _Picker(wanted.tolist(), orienter.upright, known)
                 _decode_seeking(container, stream, timeline.keyframes, picker, notes, skip_nonref=False)
         if picker.open or not use_seek:
             if use_seek:  # nothing decoded after a seek: one plain pass before giving up
                 container.seek(0)
-            _decode_sequential(container, stream, picker, notes, timeline.by_position)
+            _decode_sequential(container, stream, picker, notes, timeline.by_position, orienter)
     if picker.unknown:
         return DecodedClip(np.zeros((0, 0, 0, 3), np.uint8), times), False
     if picker.open or not picker.got:
         raise DecodeError(path, "no decodable video frame")
-    warnings = _substitution_notes(times, wanted, picker.got, timeline) + _short_file_note(timeline)
+    warnings = [streams_note] if streams_note else []
+    warnings += _substitution_notes(times, wanted, picker.got, timeline) + _short_file_note(timeline)
     warnings += sorted(set(notes))
-    frames = np.stack([picker.got[w][1] for w in wanted.tolist()])
+    frames = _stack([picker.got[w][1] for w in wanted.tolist()])
     return DecodedClip(frames=frames, times=times, warnings=warnings), True
 
 
@@ -620,32 +670,22 @@ def decode_pyav(
 # Containers whose seeking is index-based, so that decord's seek + sequential decode starts where
 # it thinks it does; in MPEG-TS/PS it seeks by byte position and was measured to start 12 frames late.
 _DECORD_CONTAINERS = ("mov", "mp4", "matroska", "webm", "avi", "flv")
+# FFmpeg's demuxers of single images and GIFs (named "<codec>_pipe" besides these).
+_IMAGE_FORMATS = ("gif", "image2", "apng", "webp")
 
 
-def _pyav_probe(path: Path) -> tuple[str, int, np.ndarray | None]:
-    """(container format, quarter turns that make the video upright, its first frame not turned)."""
-    container, stream = _open_pyav(path)
-    with container:
-        formats = container.format.name
-        tag_steps = _rotation_steps(_tag_rotation(stream))
-        for frame in _frames(container, stream, []):
-            steps = _rotation_steps(frame.rotation) if frame.rotation else tag_steps
-            return formats, steps, frame.to_ndarray(format="rgb24")
-    return formats, tag_steps, None
-
-
-def _decord_turns(decord_first: np.ndarray, pyav_first: np.ndarray) -> tuple[int, float]:
-    """Quarter turns decord applied itself (its bundled FFmpeg reads rotation differently), and the
-    mean pixel difference of its first frame from PyAV's after that turn."""
+def _decord_applied(decord_first: np.ndarray, pyav_first: np.ndarray) -> tuple[Orientation, float]:
+    """The orientation decord applied itself (its bundled FFmpeg reads the display matrix
+    differently), and the mean pixel difference of its first frame from PyAV's stored one after it."""
     errors = {}
-    for k in range(4):
-        turned = np.rot90(pyav_first, k)
+    for orientation in ORIENTATIONS:
+        turned = orientation.apply(pyav_first)
         if turned.shape == decord_first.shape:
-            errors[k] = float(np.abs(turned.astype(np.int16) - decord_first.astype(np.int16)).mean())
+            errors[orientation] = float(np.abs(turned.astype(np.int16) - decord_first.astype(np.int16)).mean())
     if not errors:
-        return 0, float("inf")
-    k = min(errors, key=errors.get)
-    return k, errors[k]
+        return UPRIGHT, float("inf")
+    best = min(errors, key=errors.get)  # on a tie the earlier in ORIENTATIONS: upright first
+    return best, errors[best]
 
 
 # decord's and PyAV's colour conversions of one frame differ by < 1 grey level on average.
@@ -670,15 +710,21 @@ def decode_decord_report(
 
     path = Path(path)
     _check_file(path)
-    formats, steps, pyav_first = _pyav_probe(path)  # also raises the short reasons (not a video, ...)
+    decord.logging.set_level(decord.logging.QUIET)  # what its FFmpeg logs reaches the user as warnings
+    probe = _probe(path)  # also raises the short reasons (not a video, ...)
 
     def fallback(why: str) -> DecodedClip:
         clip = decode_pyav_report(path, max_frames, start, end)
         clip.warnings.insert(0, f"decord {why}; decoded with PyAV")
         return clip
 
-    if not any(name in formats.split(",") for name in _DECORD_CONTAINERS):
-        return fallback(f"cannot seek accurately in this container ({formats})")
+    names = probe.formats.split(",")
+    if any(name in _IMAGE_FORMATS or name.endswith("_pipe") for name in names):
+        return fallback("does not read still images or GIFs")
+    if not any(name in names for name in _DECORD_CONTAINERS):
+        return fallback(f"cannot seek accurately in this container ({probe.formats})")
+    if probe.streams_note is not None:  # decord reads the stream FFmpeg rates best, not the default one
+        return fallback("cannot be told which of the file's video streams to read")
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except Exception as err:  # noqa: BLE001  decord raises RuntimeError or DECORDError (an Exception)
@@ -692,7 +738,10 @@ def decode_decord_report(
         return fallback("has no usable frame timestamps for this file")
     # Checked against the container's own packets (a demux pass, no decoding): where they differ
     # (a file cut short, packets without timestamps) decord silently repeats frames at the end.
-    packets = _pyav_timeline(path, [])
+    sizes: set[tuple[int, int]] = set()
+    packets = _pyav_timeline(path, [], sizes)
+    if len(sizes) > 1:  # decord scales every frame to the first one's size
+        return fallback(f"would scale the frames of a stream whose size changes ({len(sizes)} sizes)")
     if packets.by_position:
         return fallback("cannot be checked: the packets carry no usable timestamps")
     if len(packets.times) != n_frames or np.abs(packets.times - frame_times).max() > TIME_TOLERANCE:
@@ -726,16 +775,16 @@ def decode_decord_report(
     if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
         # decord 0.6 copies some frame sizes out wrongly (e.g. 48x80 comes back with 4 channels)
         return fallback(f"returned malformed frames {sorted(shapes)}")
-    turns = steps
-    if pyav_first is not None:
+    turn = probe.orientation  # every frame is shown like the first (decord gives no per-frame matrix)
+    if probe.first is not None:
         # decord's frame 0 must be the stream's first frame: a cheap check that its reading starts
-        # where its numbering says, and the way to learn the rotation decord applied itself.
-        first = got[unique[0]] if unique[0] == 0 else reader[0].asnumpy()
-        applied, diff = _decord_turns(first, pyav_first)
+        # where its numbering says, and the way to learn the orientation decord applied itself.
+        decord_first = got[unique[0]] if unique[0] == 0 else reader[0].asnumpy()
+        applied, diff = _decord_applied(decord_first, probe.first)
         if diff > _SAME_FRAME_MAX_DIFF:
             return fallback("does not start at the stream's first frame")
-        turns = (steps - applied) % 4
-    frames = np.stack([_upright(np.ascontiguousarray(got[i], dtype=np.uint8), turns) for i in indices.tolist()])
+        turn = applied.inverse().then(probe.orientation)
+    frames = np.stack([turn.apply(np.ascontiguousarray(got[i], dtype=np.uint8)) for i in indices.tolist()])
     return DecodedClip(frames=frames, times=times, warnings=_short_file_note(packets))
 
 
@@ -786,6 +835,7 @@ def decode_clip(
     """Sampled frames of the clip [start, end) of `path` (spec section 1).
 
     Returns uint8 [n, H, W, 3] RGB with 1 <= n <= max_frames (padding to max_frames is the
-    caller's job). Raises `DecodeError` when the file has no decodable video frame.
+    caller's job), or a list of n [H_i, W_i, 3] arrays where the frame size changes mid-stream
+    (see `DecodedClip`). Raises `DecodeError` when the file has no decodable video frame.
     """
     return decode_clip_report(path, max_frames, start=start, end=end, backend=backend).frames

@@ -25,7 +25,7 @@ def _scaled_frames(path: str | Path, n_frames: int, height: int, start: float | 
 
     frames = decode_clip(path, max_frames=n_frames, start=start, end=end)
     out = []
-    for frame in np.asarray(frames):
+    for frame in frames:  # a list when the frame size changes mid-stream
         img = Image.fromarray(frame)
         width = max(1, round(img.width * height / max(img.height, 1)))
         out.append(img.resize((width, height), Image.Resampling.BILINEAR))

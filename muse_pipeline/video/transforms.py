@@ -28,7 +28,7 @@ def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def preprocess_frames(
-    frames: np.ndarray | torch.Tensor,
+    frames: np.ndarray | torch.Tensor | Sequence[np.ndarray],
     image_size: int,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
@@ -36,8 +36,18 @@ def preprocess_frames(
     """uint8 frames [n, H, W, 3] (RGB) -> float32 [n, 3, S, S] normalised CLIP pixels.
 
     Short side -> S with bicubic + antialias, center crop S x S, /255, clamp to [0, 1] (bicubic
-    overshoots), then (x - mean) / std per channel.
+    overshoots), then (x - mean) / std per channel. `frames` may also be a sequence of n uint8
+    arrays [H_i, W_i, 3] of different sizes (a video whose frame size changes, see
+    `decode.DecodedClip`): each is preprocessed on its own, exactly as it would be alone.
     """
+    if isinstance(frames, (list, tuple)):
+        sizes = {tuple(np.shape(frame)) for frame in frames}
+        if len(sizes) > 1:
+            for frame in frames:
+                if np.ndim(frame) != 3:
+                    raise ValueError(f"each frame must have shape [H, W, 3], got {list(np.shape(frame))}")
+            return torch.cat([preprocess_frames(np.asarray(f)[None], image_size, mean, std) for f in frames])
+        frames = np.stack([np.asarray(f) for f in frames]) if frames else np.zeros((0, 1, 1, 3), np.uint8)
     pixels = torch.as_tensor(frames)
     if pixels.dtype != torch.uint8:
         raise TypeError(f"frames must be uint8, got {pixels.dtype}")
