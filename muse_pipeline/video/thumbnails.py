@@ -13,8 +13,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import numpy as np
-
 JPEG_QUALITY = 80
 
 
