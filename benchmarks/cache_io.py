@@ -168,11 +168,11 @@ def _oindex_read(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
 
 
 def _slice_read(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
-    from muse_pipeline.cache.store import _runs
+    from muse_pipeline.cache.shard_reader import runs
 
     rows = np.unique(rows)
     out = np.empty((rows.size, *cache._tokens.shape[1:]), np.float16)
-    for lo, hi, at in _runs(rows):
+    for lo, hi, at in runs(rows):
         out[at : at + hi - lo] = cache._tokens[lo:hi]
     return out
 

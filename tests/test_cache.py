@@ -68,6 +68,8 @@ def test_layout_matches_the_documented_format(tmp_path: Path) -> None:
         "videos/tokens": ((7, T, L, D), "float16"),
         "videos/mask": ((7, T), "uint8"),
         "videos/done": ((7,), "uint8"),
+        "videos/start": ((7,), "float64"),
+        "videos/end": ((7,), "float64"),
         "texts/tokens": ((9, W), "int32"),
         "texts/embeddings": ((9, D), "float16"),
         "texts/video_index": ((9,), "int32"),
@@ -99,6 +101,7 @@ def test_layout_matches_the_documented_format(tmp_path: Path) -> None:
     assert root["videos/ids"][:].tolist() == [f"vid{i}" for i in range(7)]
     assert root["videos/split"][:].tolist() == SPLITS
     assert root["videos/paths"][:].tolist() == [f"/data/vid{i}.mp4" for i in range(7)]
+    assert np.isnan(root["videos/start"][:]).all() and np.isnan(root["videos/end"][:]).all()  # whole videos
     assert root["texts/video_index"][:].tolist() == [0, 0, 1, 2, 3, 4, 5, 6, 6]
     assert root["texts/captions"][2] == "caption 2 of video 1"
     np.testing.assert_array_equal(root["texts/tokens"][:], _text_tokens())
@@ -422,9 +425,9 @@ def test_batch_reads_fall_back_to_zarr_slices_for_other_layouts(tmp_path: Path, 
         cache.write_video(i, _tokens(i, 1 + i % T))
     cache.flush()
     direct = FeatureCache.open(tmp_path / "c.zarr").read_videos([6, 1, 2, 3])
-    from muse_pipeline.cache import store
+    from muse_pipeline.cache import shard_reader
 
-    monkeypatch.setattr(store._ShardFiles, "open", classmethod(lambda cls, root, array: None))
+    monkeypatch.setattr(shard_reader.ShardFileReader, "open", classmethod(lambda cls, root: None))
     reader = FeatureCache.open(tmp_path / "c.zarr")
     sliced = reader.read_videos([6, 1, 2, 3])
     assert reader._shard_files is False
@@ -461,3 +464,35 @@ def test_read_videos_into_validates_its_buffers(tmp_path: Path) -> None:
     out = np.full((2, T, L, D), 7, np.float16)
     cache.read_videos_into(np.array([3, 4]), out)
     assert (out == 0).all()  # pending rows read as the fill value
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_shard_file_reader_equals_its_zarr_slice_reference(tmp_path: Path, compression) -> None:
+    from muse_pipeline.cache.shard_reader import ShardFileReader, read_rows_sliced
+
+    cache = _create(tmp_path / "c.zarr", compression=compression)
+    for i in (0, 2, 3, 6):  # row 1 pending inside a written shard, shard of 4-5 never written
+        cache.write_video(i, _tokens(i, 1 + i % T))
+    cache.flush()
+    array = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["videos/tokens"]
+    reader = ShardFileReader.open(tmp_path / "c.zarr" / "videos" / "tokens")
+    assert reader is not None
+    for rows in ([0, 1, 2, 3, 4, 5, 6], [1, 4], [6], [0, 3, 5]):
+        rows = np.asarray(rows, dtype=np.int64)
+        fast = np.full((rows.size, T, L, D), 9, np.float16)
+        slow = np.full((rows.size, T, L, D), 7, np.float16)
+        reader.read_into(rows, fast, cache.videos_per_shard)
+        read_rows_sliced(array, rows, slow)
+        assert fast.tobytes() == slow.tobytes()
+
+
+def test_read_windows_of_a_store_without_window_arrays_is_nan(tmp_path: Path) -> None:
+    import shutil
+
+    _create(tmp_path / "c.zarr")
+    for name in ("start", "end"):  # a store made before the window arrays existed
+        shutil.rmtree(tmp_path / "c.zarr" / "videos" / name)
+    windows = FeatureCache.open(tmp_path / "c.zarr").read_windows([0, 6])
+    assert windows.shape == (2, 2) and np.isnan(windows).all()
+    with pytest.raises(IndexError):
+        FeatureCache.open(tmp_path / "c.zarr").read_windows([7])
