@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
@@ -87,30 +87,35 @@ def _as_str_array(values: Iterable[str]) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
 
 
-def create_store(
-    path: Path,
-    index: DatasetIndex,
-    *,
-    frames: int,
-    num_tokens: int,
-    dim: int,
-    words: int,
-    fingerprint: Mapping[str, Any],
-    videos_per_shard: int,
-    compression: str | None,
-    text_tokens: np.ndarray | None,
-) -> None:
+@dataclass(frozen=True)
+class StoreLayout:
+    """A new store's validated geometry: T frames, L tokens, D dim, W words, S videos per shard (<= N),
+    the tokens codec (None or "zstd"), the JSON-normalised fingerprint, optional text token ids [M, W]."""
+
+    frames: int
+    num_tokens: int
+    dim: int
+    words: int
+    videos_per_shard: int
+    compression: str | None
+    fingerprint: dict
+    text_tokens: np.ndarray | None = None
+
+
+def create_store(path: Path, index: DatasetIndex, layout: StoreLayout) -> None:
     """Write the empty layout above at `path` (which must not exist): all videos pending, texts not done,
-    ids/splits/paths/windows/captions filled; `text_tokens` int32 [M, W] written when given."""
+    ids/splits/paths/windows/captions filled; `layout.text_tokens` written when given."""
+    frames, num_tokens, dim, words = layout.frames, layout.num_tokens, layout.dim, layout.words
+    text_tokens = layout.text_tokens
     n, m = len(index.videos), len(index.captions)
     root = zarr.open_group(
         str(path),
         mode="w-",
         zarr_format=3,
-        attributes={"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": dict(fingerprint),
+        attributes={"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": dict(layout.fingerprint),
                     "failures": []},
     )
-    s = videos_per_shard
+    s = layout.videos_per_shard
     videos = root.create_group("videos")
     videos.create_array(
         "tokens",
@@ -118,7 +123,7 @@ def create_store(
         dtype="float16",
         chunks=(1, frames, num_tokens, dim),
         shards=(s, frames, num_tokens, dim),
-        compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle") if compression else None,
+        compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle") if layout.compression else None,
         fill_value=0,
         dimension_names=("video", "frame", "token", "channel"),
     )

@@ -41,6 +41,7 @@ from muse_pipeline.cache.schema import (
     ROW_CHUNK,
     TOKEN_CODECS,
     TOKEN_COMPRESSION,
+    StoreLayout,
     check_positive,
     create_store,
     default_videos_per_shard,
@@ -143,8 +144,8 @@ class FeatureCache:
         if tmp.exists():
             shutil.rmtree(tmp)
 
-        create_store(tmp, index, frames=frames, num_tokens=num_tokens, dim=dim, words=words, fingerprint=fp,
-                     videos_per_shard=videos_per_shard, compression=compression, text_tokens=text_tokens)
+        create_store(tmp, index, StoreLayout(frames, num_tokens, dim, words, videos_per_shard, compression, fp,
+                                             text_tokens))
         os.replace(tmp, path)
         return cls(path, mode="r+")
 
