@@ -496,3 +496,19 @@ def test_read_windows_of_a_store_without_window_arrays_is_nan(tmp_path: Path) ->
     assert windows.shape == (2, 2) and np.isnan(windows).all()
     with pytest.raises(IndexError):
         FeatureCache.open(tmp_path / "c.zarr").read_windows([7])
+
+
+def test_fingerprint_key_sets_compare_as_their_callers_did() -> None:
+    from muse_pipeline.cache.compat import CLIP_KEYS, RESUME_KEYS, differing_keys, fingerprint_paths_differing
+
+    run = {"dataset": "msrvtt", "model": "ViT-B-32", "weights": "w1", "frames": 12, "extra": 1}
+    # resume: a key the cache lacks differs; keys outside the set never count
+    assert differing_keys(run, {"dataset": "msrvtt", "model": "ViT-B-32", "weights": "w1"}, RESUME_KEYS) == ["frames"]
+    assert differing_keys(run, {**run, "weights": "w2", "extra": 2}, RESUME_KEYS) == ["weights"]
+    # evaluation: only the CLIP keys, and only where both sides have them
+    assert differing_keys(run, {"model": "ViT-B-16"}, CLIP_KEYS) == ["model"]
+    assert differing_keys(run, {"dataset": "didemo", "frames": 8}, CLIP_KEYS) == []
+    assert differing_keys({}, {"model": "x"}, RESUME_KEYS) == []  # keys the run lacks are not compared
+    assert fingerprint_paths_differing({"a": 1, "b": {"c": 1}}, {"a": 1, "b": {"c": 2}, "d": 0}, "fp.") == [
+        "fp.b.c", "fp.d"]
+    assert fingerprint_paths_differing({"a": [1]}, {"a": [1]}) == []

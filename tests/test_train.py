@@ -588,3 +588,12 @@ def test_end_to_end_run_trains_clip_and_evaluates(synthetic_root, tmp_path):
     assert moved, "CLIP weights did not change in end-to-end training"
     result = evaluate_run(run)
     assert result["counts"]["videos"] > 0 and 0.0 <= result["metrics"]["t2v"]["R1"] <= 100.0
+
+
+def test_train_request_takes_run_train_keywords_and_collects_train_fields():
+    from muse_pipeline.training.request import TrainRequest
+
+    req = TrainRequest.from_kwargs(from_cache="c.zarr", head="muse", quiet=True, epochs=3, lr=None, frames=8)
+    assert (req.from_cache, req.head, req.quiet) == ("c.zarr", "muse", True)
+    assert dict(req.train_overrides) == {"epochs": 3, "lr": None, "frames": 8}
+    assert req.replace(describe_only=True).describe_only and not req.describe_only  # frozen: replace copies
