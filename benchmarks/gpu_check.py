@@ -236,7 +236,6 @@ def _synthetic_cache(path: Path, n_videos: int, captions: int, frames: int, toke
     for lo in range(0, m, 65536):
         hi = min(m, lo + 65536)
         cache.write_texts(lo, embeddings=rng.standard_normal((hi - lo, dim), dtype=np.float32).astype(np.float16))
-    cache.close()
     return path
 
 

@@ -7,6 +7,9 @@
 - `synthetic_root`: a generated 12-video synthetic dataset (session-wide, read-only by convention).
 - `bad_videos`: {"missing", "empty", "truncated", "truncated_faststart", "not_video"} -> Path;
   `decode_clip` of any of them (whole video) raises DecodeError.
+- `store_videos(cache, {row: tokens [n, L, D] | None})` (plain function, `from conftest import ...`):
+  writes cached (tokens, n real frames, zero padding) or failed (None) videos into a FeatureCache with
+  `write_shard_videos`, one call per contiguous run of rows within a shard.
 """
 
 from __future__ import annotations
@@ -160,3 +163,25 @@ def write_timed_video(
 def timed_video():
     """`write_timed_video` (see there): videos with chosen frame times, codecs, GOPs and rotation."""
     return write_timed_video
+
+
+def store_videos(cache, videos: dict) -> None:
+    """See the module docstring: rows -> tokens [n, L, D] (status 1) or None (status 2)."""
+    rows = sorted(videos)
+    runs: list[list[int]] = []
+    for i in rows:
+        if runs and i == runs[-1][-1] + 1 and cache.shard_of(i) == cache.shard_of(runs[-1][0]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    for run in runs:
+        tokens = np.zeros((len(run), cache.frames, cache.num_tokens, cache.dim), np.float16)
+        mask = np.zeros((len(run), cache.frames), np.uint8)
+        done = np.full(len(run), 2, np.uint8)
+        for r, i in enumerate(run):
+            if videos[i] is not None:
+                n = len(videos[i])
+                tokens[r, :n] = videos[i]
+                mask[r, :n] = 1
+                done[r] = 1
+        cache.write_shard_videos(run[0], tokens, mask, done)

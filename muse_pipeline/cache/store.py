@@ -8,9 +8,8 @@ read-modify-write of those files. So:
   two writers in a shard lose each other's rows. Different shards can be written concurrently.
 - Root attributes (the ledger, `ledger.py`) and the text arrays are written by the client process only.
 - Zarr rewrites the whole shard file for any partial write, so writing a shard video by video costs
-  O(S^2) bytes. `write_video` therefore buffers rows in memory and writes a shard in one go when every
-  video of the shard has a status (or on `flush()` / `close()` / leaving a `with` block): resume
-  granularity is one shard. `write_shard_videos` (what extraction calls) writes a contiguous range now.
+  O(S^2) bytes: `write_shard_videos` writes a contiguous range of one shard at once (extraction writes
+  whole shards; resume granularity is one shard).
 - Within a shard write, tokens and mask are written before `done`, so a crash never leaves a video
   marked done without its tokens.
 
@@ -24,7 +23,6 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -84,10 +82,7 @@ class FeatureCache:
         self.n_videos, self.frames, self.num_tokens, self.dim = int(n), int(frames), int(num_tokens), int(dim)
         self.n_texts, self.words = (int(x) for x in self._t_tokens.shape)
         self.videos_per_shard = int(self._done.chunks[0])
-        # Rows given to write_video but not yet written: shard -> {video: (tokens | None, n_frames, status)}
-        self._buffer: dict[int, dict[int, tuple[np.ndarray | None, int, int]]] = {}
         self._meta: dict[str, list[Any]] = {}
-        self._done_cache: dict[int, np.ndarray] = {}
         self._mask_all: np.ndarray | None = None
         self._shard_files: ShardFileReader | bool | None = None  # None: not probed yet; False: not usable
 
@@ -260,88 +255,10 @@ class FeatureCache:
         if self.mode != "r+":
             raise PermissionError(f"{self.path} is open read-only; open it with mode='r+' to write")
 
-    def write_video(self, i: int, tokens: np.ndarray | None, status: int = CACHED) -> None:
-        """Record video `i`: `tokens` float16-castable [n, L, D] (n real frames, 1 <= n <= T) with
-        status CACHED (1), or None with status FAILED (2). Padded with zeros to T; mask = 1 for the
-        n real frames. Buffered until the shard is complete or `flush()` (see module docstring)."""
-        self._require_writable()
-        i = int(i)
-        if not 0 <= i < self.n_videos:
-            raise IndexError(f"video {i} out of range [0, {self.n_videos})")
-        if status == CACHED:
-            if tokens is None:
-                raise ValueError(f"video {i}: status CACHED needs tokens [n, {self.num_tokens}, {self.dim}]")
-            with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
-                arr = np.asarray(tokens, dtype=np.float16)
-            if (
-                arr.ndim != 3
-                or arr.shape[1:] != (self.num_tokens, self.dim)
-                or not 1 <= arr.shape[0] <= self.frames
-            ):
-                raise ValueError(
-                    f"video {i}: tokens must be [n, {self.num_tokens}, {self.dim}] with 1 <= n <= {self.frames}, "
-                    f"got {arr.shape}"
-                )
-            if not np.isfinite(arr).all():
-                raise ValueError(f"video {i}: tokens contain inf/nan after the cast to float16")
-            entry: tuple[np.ndarray | None, int, int] = (arr, arr.shape[0], CACHED)
-        elif status == FAILED:
-            if tokens is not None:
-                raise ValueError(f"video {i}: a FAILED video has no tokens (pass None)")
-            entry = (None, 0, FAILED)
-        else:
-            raise ValueError(f"video {i}: status must be CACHED (1) or FAILED (2), got {status!r}")
-        k = self.shard_of(i)
-        self._buffer.setdefault(k, {})[i] = entry
-        lo, hi = self.shard_range(k)
-        buffered = self._buffer[k]
-        if len(buffered) == hi - lo or self._shard_complete(k):
-            self._flush_shard(k)
-
-    def _shard_complete(self, k: int) -> bool:
-        lo, _ = self.shard_range(k)
-        done = self._stored_done(k).copy()
-        for i in self._buffer.get(k, ()):
-            done[i - lo] = CACHED
-        return bool((done != PENDING).all())
-
-    def _stored_done(self, k: int) -> np.ndarray:
-        # This process is the only writer of shard k, so the stored flags change only through it.
-        if k not in self._done_cache:
-            lo, hi = self.shard_range(k)
-            self._done_cache[k] = self._done[lo:hi]
-        return self._done_cache[k]
-
-    def _flush_shard(self, k: int) -> None:
-        rows = self._buffer.pop(k, None)
-        if not rows:
-            return
-        idx = np.array(sorted(rows), dtype=np.int64)
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
-        b = hi - lo
-        if runs_cover(idx):
-            tokens = np.zeros((b, self.frames, self.num_tokens, self.dim), dtype=np.float16)
-            mask = np.zeros((b, self.frames), dtype=np.uint8)
-            done = np.zeros((b,), dtype=np.uint8)
-        else:
-            # Rows between buffered ones keep what is stored: one shard rewrite instead of one per run.
-            tokens = self._tokens[lo:hi]
-            mask = self._mask[lo:hi]
-            done = self._done[lo:hi]
-        for i, (arr, n, status) in rows.items():
-            r = i - lo
-            tokens[r] = 0
-            mask[r] = 0
-            if arr is not None:
-                tokens[r, :n] = arr
-                mask[r, :n] = 1
-            done[r] = status
-        self.write_shard_videos(lo, tokens, mask, done)
-
     def write_shard_videos(self, lo: int, tokens: np.ndarray, mask: np.ndarray, done: np.ndarray) -> None:
         """Write videos [lo, lo + b) now: tokens f16 [b, T, L, D], mask uint8 [b, T], done uint8 [b].
 
-        The range must lie within one shard. Supersedes anything buffered for those rows."""
+        The range must lie within one shard."""
         self._require_writable()
         tokens = np.asarray(tokens, dtype=np.float16)
         mask, done = np.asarray(mask, dtype=np.uint8), np.asarray(done, dtype=np.uint8)
@@ -364,33 +281,9 @@ class FeatureCache:
             )
         if done.max(initial=0) > FAILED:
             raise ValueError("done values must be 0 (pending), 1 (cached) or 2 (failed)")
-        pending = self._buffer.get(self.shard_of(lo))
-        if pending:
-            for i in range(lo, hi):
-                pending.pop(i, None)
         self._tokens[lo:hi] = tokens
         self._mask[lo:hi] = mask
         self._done[lo:hi] = done  # last: a video is done only once its tokens are stored
-        k = self.shard_of(lo)
-        if k in self._done_cache:
-            self._done_cache[k][lo - self.shard_range(k)[0] : hi - self.shard_range(k)[0]] = done
-
-    def flush(self) -> None:
-        """Write every buffered row (each touched shard is rewritten once)."""
-        for k in sorted(self._buffer):
-            self._flush_shard(k)
-
-    def close(self) -> None:
-        if self.mode == "r+":
-            self.flush()
-
-    def __enter__(self) -> FeatureCache:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # ---------------------------------------------------------------------------- text writes
     def write_texts(
@@ -459,7 +352,6 @@ class FeatureCache:
             return
         self._mask.oindex[idx] = np.zeros((idx.size, self.frames), np.uint8)
         self._done.oindex[idx] = np.zeros(idx.size, np.uint8)
-        self._done_cache.clear()
 
     # ---------------------------------------------------------------------------------- reads
     def read_videos(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -469,7 +361,7 @@ class FeatureCache:
         layout allows (`shard_reader.ShardFileReader`), else one basic zarr slice per contiguous run of rows. Never
         orthogonal indexing: over a sharded array zarr-python builds a per-element coordinate
         selection inside each shard (zarr-python issue #3829), ~35x slower with GBs of temporaries.
-        Reads what is stored (rows still buffered by this writer are not visible)."""
+        Reads what is stored."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_videos):
             raise IndexError(f"video indices out of range [0, {self.n_videos})")
@@ -553,10 +445,8 @@ class FeatureCache:
         return videos, texts
 
     def pending_videos(self) -> np.ndarray:
-        """Sorted int64 rows still to extract: stored done == 0 and not buffered by this writer."""
-        pending = np.flatnonzero(self._done[:] == PENDING).astype(np.int64)
-        buffered = [i for rows in self._buffer.values() for i in rows]
-        return np.setdiff1d(pending, np.array(buffered, dtype=np.int64)) if buffered else pending
+        """Sorted int64 rows still to extract: stored done == 0."""
+        return np.flatnonzero(self._done[:] == PENDING).astype(np.int64)
 
     def progress(self) -> dict[str, int]:
         """Stored counts: videos total / cached / failed / pending, texts total / done."""
