@@ -11,9 +11,8 @@ from the shard files), each with raw and blosc-zstd tokens; peak Python-heap gro
 tracemalloc. Methods take turns on each batch, so that the load of a shared machine shifts them alike.
 Third table: the same batches through the trainer's DataLoader (`make_loader`, 2 workers).
 
-Writes N videos of [T, L, D] float16 tokens (ViT-B/32 shape by default) four ways:
-- zarr, per-video unbuffered: `write_shard_videos` one row at a time (each call rewrites the shard),
-- zarr, `write_video` (buffered: one shard write when the shard is complete),
+Writes N videos of [T, L, D] float16 tokens (ViT-B/32 shape by default) three ways:
+- zarr, per-video: `write_shard_videos` one row at a time (each call rewrites the shard),
 - zarr, `write_shard_videos` with a whole shard per call,
 - numpy: one `np.save` per video;
 then reads them back sequentially (a shard / all files) and as random single videos. Prints a
@@ -110,11 +109,6 @@ def write_tables(args) -> None:
             for i in range(n):
                 cache.write_shard_videos(i, feats[i : i + 1], mask[i : i + 1], np.ones(1, np.uint8))
 
-        def buffered(cache: FeatureCache) -> None:
-            for i in range(n):
-                cache.write_video(i, feats[i])
-            cache.flush()
-
         def per_shard(cache: FeatureCache) -> None:
             for k in range(cache.n_shards):
                 lo, hi = cache.shard_range(k)
@@ -122,7 +116,6 @@ def write_tables(args) -> None:
 
         for name, writer in (
             ("zarr per-video, unbuffered", unbuffered),
-            ("zarr write_video (buffered)", buffered),
             ("zarr write_shard_videos", per_shard),
         ):
             cache = _new_cache(scratch, name.replace(" ", "_"), n, t, length, d, s)
@@ -168,11 +161,11 @@ def _oindex_read(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
 
 
 def _slice_read(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
-    from muse_pipeline.cache.store import _runs
+    from muse_pipeline.cache.shard_reader import runs
 
     rows = np.unique(rows)
     out = np.empty((rows.size, *cache._tokens.shape[1:]), np.float16)
-    for lo, hi, at in _runs(rows):
+    for lo, hi, at in runs(rows):
         out[at : at + hi - lo] = cache._tokens[lo:hi]
     return out
 
@@ -208,7 +201,6 @@ def _reading_store(root: Path, name: str, feats: np.ndarray, compression: str | 
         lo, hi = cache.shard_range(k)
         cache.write_shard_videos(lo, feats[lo:hi], np.ones((hi - lo, t), np.uint8), np.ones(hi - lo, np.uint8))
     cache.write_texts(0, embeddings=np.zeros((n, d), np.float16))
-    cache.close()
     return root / name
 
 

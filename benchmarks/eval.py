@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from muse_pipeline.evaluation.embed import similarity_chunked
 from muse_pipeline.models.retrieval import ModelConfig, RetrievalModel
-from muse_pipeline.stages.evaluate import similarity_chunked
 
 
 @torch.inference_mode()

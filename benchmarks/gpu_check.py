@@ -236,7 +236,6 @@ def _synthetic_cache(path: Path, n_videos: int, captions: int, frames: int, toke
     for lo in range(0, m, 65536):
         hi = min(m, lo + 65536)
         cache.write_texts(lo, embeddings=rng.standard_normal((hi - lo, dim), dtype=np.float32).astype(np.float16))
-    cache.close()
     return path
 
 
@@ -414,8 +413,8 @@ def check_evaluation(table: Table, sizes: Sizes, work: Path) -> None:
         import torch
 
         from muse_pipeline.cache.store import FeatureCache
+        from muse_pipeline.evaluation.score import evaluate_cached
         from muse_pipeline.models.retrieval import RetrievalModel
-        from muse_pipeline.stages.evaluate import _evaluate
 
         path = _synthetic_cache(work / "eval.zarr", n, 1, sizes.frames, 1 + sizes.grid**2, sizes.dim, split="test",
                                 seed=1)
@@ -423,7 +422,7 @@ def check_evaluation(table: Table, sizes: Sizes, work: Path) -> None:
         model = RetrievalModel(_model_config(sizes)).to(sizes.device).eval()
         cache = FeatureCache.open(path)
         t0 = time.perf_counter()
-        result = _evaluate(model, cache, "test", False, sizes.device, 128, 4096)
+        result = evaluate_cached(model, cache, "test", False, sizes.device, 128, 4096)
         secs = time.perf_counter() - t0
         parts = ", ".join(f"{k} {v:.2f}" for k, v in result["seconds"].items())
         goal = "" if sizes.device == "cpu" else f"; goal < 5 s: {'met' if secs < 5 else 'MISSED'}"

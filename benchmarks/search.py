@@ -32,9 +32,9 @@ def source_embeddings(run: Path, cache_path: Path) -> tuple[np.ndarray, np.ndarr
     """(video embeddings [V, D], caption query embeddings [M, D]) of a trained run over its cache."""
     import torch
 
+    from muse_pipeline.evaluation.embed import embed_videos, open_cache
     from muse_pipeline.models.checkpoint import load_run
     from muse_pipeline.search.query import adapter_state, apply_text_side
-    from muse_pipeline.stages.evaluate import embed_videos, open_cache
 
     model, config = load_run(run)
     cache = open_cache(cache_path)

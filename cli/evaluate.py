@@ -35,7 +35,8 @@ def eval_cmd(
 
     Writes eval.json (with per-query ranks) and eval.md into the run directory (eval-<split>.* for a split other than test).
     """
-    from muse_pipeline.stages.evaluate import evaluate_run, evaluate_zero_shot, print_eval
+    from muse_pipeline.evaluation.tables import eval_file_name, print_eval
+    from muse_pipeline.stages.evaluate import evaluate_run, evaluate_zero_shot
 
     try:
         if zero_shot:
@@ -61,5 +62,5 @@ def eval_cmd(
     print_eval(result, console)
     where = run_dir if not zero_shot else out
     if where is not None:
-        name = "eval" if split == "test" else f"eval-{split}"
+        name = eval_file_name(split)
         console.print(f"wrote {Path(where) / (name + '.json')} and {name}.md")

@@ -189,9 +189,9 @@ def zero_shot_baseline(evals: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str
     for _, result in evals:
         cache = result.get("cache")
         if cache and Path(cache).exists():
-            from muse_pipeline.stages.evaluate import evaluate_zero_shot
+            from muse_pipeline.evaluation.score import zero_shot_result
 
-            base = evaluate_zero_shot(cache, split=result.get("split", "test"))
+            base = zero_shot_result(cache, split=result.get("split", "test"))
             return "zero-shot CLIP (meanP, no training)", base
     return None
 

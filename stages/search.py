@@ -40,8 +40,9 @@ def build_index(
     a local weights file that is not where the cache says. Refuses an existing out_path unless
     `overwrite`. Returns out_path.
     """
+    from muse_pipeline.evaluation.embed import embed_videos, open_cache
+    from muse_pipeline.evaluation.score import check_compatible
     from muse_pipeline.models.checkpoint import load_run
-    from muse_pipeline.stages.evaluate import check_compatible, embed_videos, open_cache
 
     run_dir = Path(run_dir).resolve()
     out = Path(out_path) if out_path is not None else run_dir / "index"

@@ -3,6 +3,11 @@
 Single process: `run_train(from_cache=...)`. Multi-GPU: the same call in every torchrun process
 (see muse_pipeline.training.distributed); rank 0 writes the run directory.
 
+The decisions (configs, seqTransf plan, initialisation, run record, run-dir choice, resume checks)
+live in `muse_pipeline.training.run_setup`; the call's options are one `TrainRequest`. This module
+wires them: it prepares the mode's data source (`_prepare_from_cache` / `_prepare_end_to_end`), then
+one shared body (`_run`) builds the model, writes config.json and trains.
+
 Mid-epoch resume skips the batches the interrupted epoch had already trained (their order is a
 function of seed and epoch), so it does not redo them; the result equals an uninterrupted run.
 """
@@ -11,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,139 +25,40 @@ import numpy as np
 import torch
 
 from muse_pipeline.atomic import atomic_write_json
-from muse_pipeline.errors import UserError
-from muse_pipeline.models.checkpoint import load_weights, read_run_config
+from muse_pipeline.models.checkpoint import read_run_config
 from muse_pipeline.training.config import TrainConfig
-from muse_pipeline.training.data import CacheError, SplitPlan, plan_splits
-from muse_pipeline.training.distributed import DistContext, barrier, broadcast_object, setup
+from muse_pipeline.training.data import SplitPlan, plan_splits
+from muse_pipeline.training.distributed import DistContext, barrier, setup
 from muse_pipeline.training.loop import LoopState, NonFiniteLossError, Trainer, effective_amp, seed_everything
+from muse_pipeline.training.request import TrainRequest
+from muse_pipeline.training.run_setup import (
+    ConfigMismatch,
+    build_model,
+    check_fingerprints,
+    check_plan,
+    choose_run_dir,
+    clip_source_of,
+    grid_of,
+    initialise,
+    is_random_init,
+    new_model_config,
+    param_rows,
+    preset_names,
+    resumed_configs,
+    run_record,
+    seqtransf_plan,
+)
 
 log = logging.getLogger(__name__)
 
-# Fingerprint keys that must agree between a run and the cache it resumes/evaluates on.
-MATCH_KEYS = (
-    "dataset",
-    "model",
-    "weights",
-    "image_size",
-    "num_tokens",
-    "dim",
-    "frames",
-    "words",
-    "sampling",
-    "annotation_checksum",
-)
-# Fields a resumed run may change: they do not affect the weights.
-RESUME_FREE = {"num_workers", "log_every"}
 
-
-class ConfigMismatch(UserError, ValueError):
-    """A resumed run and the cache (or the options given) disagree; lists the differing keys."""
-
-
-def check_fingerprints(run_fp: dict, cache_fp: dict, cache_path: Path | str, run_dir: Path | str) -> None:
-    diff = [k for k in MATCH_KEYS if k in run_fp and run_fp.get(k) != cache_fp.get(k)]
-    if diff:
-        details = "; ".join(f"{k}: run {run_fp.get(k)!r} vs cache {cache_fp.get(k)!r}" for k in diff)
-        raise ConfigMismatch(
-            f"cannot resume {run_dir} from cache {cache_path}: it was trained on other features ({details}). "
-            "Pass the run's own cache with --from-cache, or start a new run."
-        )
-
-
-def _is_random_init(fp: dict) -> bool:
-    return str(fp.get("weights", "")).startswith("random")
-
-
-def _grid(num_tokens: int) -> int:
-    g = int(round(math.sqrt(num_tokens - 1)))
-    if g * g + 1 != num_tokens:
-        raise CacheError(f"{num_tokens} tokens per frame is not 1 + g*g: not a ViT CLS + patch-grid layout")
-    return g
-
-
-def _unique_run_dir(runs_dir: Path, base: str) -> Path:
-    candidate, k = runs_dir / base, 2
-    while (candidate / "config.json").exists():
-        candidate = runs_dir / f"{base}-{k}"
-        k += 1
-    return candidate
-
-
-def _choose_run_dir(ctx: DistContext, runs_dir: Path, name: str | None, default: str) -> Path:
-    if ctx.is_main:
-        if name is not None:
-            run_dir = runs_dir / name
-            if (run_dir / "config.json").exists():
-                raise FileExistsError(
-                    f"run {run_dir} already exists: continue it with --resume {run_dir}, or pick another --name"
-                )
-        else:
-            run_dir = _unique_run_dir(runs_dir, re.sub(r"[^A-Za-z0-9_.-]+", "-", default))
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = None
-    return Path(broadcast_object(ctx, str(run_dir)))  # type: ignore[arg-type]
-
-
-def _check_resume_overrides(saved: TrainConfig, overrides: dict[str, Any], head: str | None) -> None:
-    bad = {
-        k: v
-        for k, v in overrides.items()
-        if v is not None and k not in RESUME_FREE and getattr(saved, k) != (tuple(v) if k == "betas" else v)
-    }
-    if head is not None and head != saved.head:
-        bad["head"] = head
-    if bad:
-        details = "; ".join(f"{k}: run {getattr(saved, k)!r} vs given {v!r}" for k, v in bad.items())
-        raise ConfigMismatch(
-            f"--resume continues a run exactly; these options differ from the run's: {details}"
-        )
-
-
-def _build_model(model_cfg: dict, seed: int):
-    from muse_pipeline.models.retrieval import ModelConfig, RetrievalModel
-
-    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
-    seed_everything(seed)
-    return RetrievalModel(ModelConfig.from_dict(model_cfg))
-
-
-def _init_from_run(model, init_head: Path) -> None:
-    state, _ = load_weights(init_head, "best")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ConfigMismatch(
-            f"--init-head {init_head} does not fit this model (other head or geometry): {exc}"
-        ) from exc
-
-
-def run_train(
-    *,
-    from_cache: Path | str | None = None,
-    end_to_end: bool = False,
-    dataset: str | None = None,
-    data_root: Path | str | None = None,
-    model: str = "ViT-B-32",
-    pretrained: str | None = None,
-    decoder: str = "pyav",
-    head: str | None = None,
-    name: str | None = None,
-    runs_dir: Path | str = Path("runs"),
-    resume: Path | str | None = None,
-    init_head: Path | str | None = None,
-    device: str | None = None,
-    quiet: bool = False,
-    model_overrides: dict[str, Any] | None = None,
-    on_step_end: Callable[[LoopState], None] | None = None,
-    cache_memory: str = "auto",
-    require_kernels: bool = False,
-    nccl_timeout: float | None = None,
-    refit: bool = False,
-    **train_overrides: Any,
-) -> Path:
+def run_train(*, refit: bool = False, **options: Any) -> Path:
     """Train (or resume) a run and return its directory.
+
+    Keywords: the fields of `TrainRequest` (from_cache, end_to_end, dataset, data_root, model,
+    pretrained, decoder, head, name, runs_dir, resume, init_head, device, quiet, model_overrides,
+    on_step_end, cache_memory, require_kernels, nccl_timeout); every other keyword is a TrainConfig
+    field (None = preset).
 
     `refit`: after this (selection) run, train again on ALL training videos (no held-out slice) for
     the number of epochs that validation selected, in `<run>-refit`, and return that directory
@@ -160,218 +66,18 @@ def run_train(
 
     Modes: `from_cache` (CLIP not loaded; tokens and text embeddings from the cache) or
     `end_to_end=True` with `dataset` and `data_root` (frames decoded, CLIP towers trained at
-    `clip_lr`). `train_overrides` are TrainConfig fields (None = preset); `model_overrides` are
-    ModelConfig fields (depth, drop_max, ...). Raises CacheError, ConfigMismatch, NonFiniteLossError,
-    KeyboardInterrupt (after saving a resumable state.pt). `cache_memory` (auto | ram | device | off):
-    where from-cache training tokens live; `require_kernels`: KernelsMissing unless the CUDA kernels run;
+    `clip_lr`). Raises CacheError, ConfigMismatch, NonFiniteLossError, KeyboardInterrupt (after
+    saving a resumable state.pt). `cache_memory` (auto | ram | device | off): where from-cache
+    training tokens live; `require_kernels`: KernelsMissing unless the CUDA kernels run;
     `nccl_timeout`: seconds a DDP collective may wait (default distributed.DEFAULT_TIMEOUT_S).
     """
-    runtime_opts = dict(cache_memory=cache_memory, require_kernels=require_kernels, nccl_timeout=nccl_timeout)
-    run_dir = _train_once(
-        from_cache=from_cache, end_to_end=end_to_end, dataset=dataset, data_root=data_root, model=model,
-        pretrained=pretrained, decoder=decoder, head=head, name=name, runs_dir=runs_dir, resume=resume,
-        init_head=init_head, device=device, quiet=quiet, model_overrides=model_overrides,
-        on_step_end=on_step_end, needs_val=refit, **runtime_opts, **train_overrides,
-    )
+    request = TrainRequest.from_kwargs(**options).replace(needs_val=refit)
+    run_dir = _train_once(request)
     if not refit:
         return run_dir
-    return refit_run(run_dir, device=device, quiet=quiet, on_step_end=on_step_end, **runtime_opts)
-
-
-def _train_once(
-    *,
-    from_cache: Path | str | None = None,
-    end_to_end: bool = False,
-    dataset: str | None = None,
-    data_root: Path | str | None = None,
-    model: str = "ViT-B-32",
-    pretrained: str | None = None,
-    decoder: str = "pyav",
-    head: str | None = None,
-    name: str | None = None,
-    runs_dir: Path | str = Path("runs"),
-    resume: Path | str | None = None,
-    init_head: Path | str | None = None,
-    device: str | None = None,
-    quiet: bool = False,
-    model_overrides: dict[str, Any] | None = None,
-    on_step_end: Callable[[LoopState], None] | None = None,
-    needs_val: bool = False,
-    protocol: dict[str, Any] | None = None,
-    describe_only: bool = False,
-    cache_memory: str = "auto",
-    require_kernels: bool = False,
-    nccl_timeout: float | None = None,
-    **train_overrides: Any,
-) -> Any:
-    """One run (see run_train). `needs_val`: refuse (before training) a run without a validation set;
-    `protocol`: the refit record of a refit run's config.json;
-    `describe_only`: build everything, train nothing, return the parameter table."""
-    from muse_pipeline.models.backends import check_kernels
-
-    ctx = setup(device, nccl_timeout)
-    # before anything is written: the scan/conv implementations this run gets (config.json "runtime")
-    runtime: dict[str, Any] = {
-        "backends": check_kernels(ctx.device, require_kernels, warn=ctx.is_main and not describe_only)
-    }
-    runs_dir = Path(runs_dir)
-    saved: dict[str, Any] | None = None
-    if resume is not None:
-        resume = Path(resume)
-        saved = read_run_config(resume)
-        if not (resume / "state.pt").is_file():
-            raise FileNotFoundError(f"{resume} has no state.pt: nothing to resume")
-        end_to_end = bool(saved.get("end_to_end", False))
-    if end_to_end:
-        if from_cache is not None:
-            raise ValueError("--from-cache and --end-to-end exclude each other")
-        return _run_end_to_end(
-            ctx,
-            dataset,
-            data_root,
-            model,
-            pretrained,
-            decoder,
-            head,
-            name,
-            runs_dir,
-            saved,
-            resume,
-            init_head,
-            quiet,
-            model_overrides,
-            on_step_end,
-            train_overrides,
-            runtime=runtime,
-            require_val=needs_val,
-            protocol=protocol,
-            describe_only=describe_only,
-        )
-    if from_cache is None:
-        if saved is None:
-            raise ValueError("give --from-cache CACHE (or --end-to-end --dataset NAME --data-root PATH)")
-        from_cache = saved["cache"]
-    return _run_from_cache(
-        ctx,
-        Path(from_cache),
-        head,
-        name,
-        runs_dir,
-        saved,
-        resume,
-        init_head,
-        quiet,
-        model_overrides,
-        on_step_end,
-        train_overrides,
-        runtime=runtime,
-        cache_memory=cache_memory,
-        require_val=needs_val,
-        protocol=protocol,
-        describe_only=describe_only,
-    )
-
-
-def _resumed_configs(saved: dict, train_overrides: dict, head: str | None) -> tuple[TrainConfig, dict]:
-    """A resumed run keeps its recipe; only the RESUME_FREE knobs (workers, logging...) may change."""
-    cfg = TrainConfig.from_dict(saved["train"])
-    _check_resume_overrides(cfg, train_overrides, head)
-    cfg = cfg.replace(**{k: v for k, v in train_overrides.items() if k in RESUME_FREE and v is not None})
-    return cfg, saved["model"]
-
-
-def _new_model_config(cfg: TrainConfig, dim: int, grid: int, random_init: bool,
-                      model_overrides: dict | None) -> dict:
-    from muse_pipeline.models.retrieval import LOGIT_SCALE_PRETRAINED, LOGIT_SCALE_SCRATCH
-
-    return {
-        "head": cfg.head,
-        "dim": dim,
-        "grid": grid,
-        "max_frames": cfg.frames,
-        "text_adapter": cfg.text_adapter,
-        "logit_scale_init": LOGIT_SCALE_SCRATCH if random_init else LOGIT_SCALE_PRETRAINED,
-        **(model_overrides or {}),
-    }
-
-
-def _clip_source_of(fp: dict) -> dict:
-    """The CLIP a cache was extracted with, as its fingerprint names it."""
-    return {
-        "model": fp.get("model"),
-        "pretrained": fp.get("pretrained"),
-        "weights": str(fp.get("weights", "")),
-        "quick_gelu": bool((fp.get("encoder") or {}).get("quick_gelu", False)),
-    }
-
-
-def _seqtransf_plan(model_cfg: dict, source: dict):
-    """For a new seqTransf run: decide CLIP4Clip's init (spec section 6) and fix the geometry it needs
-    (heads, activation) in `model_cfg` before the model is built. None for other heads."""
-    from muse_pipeline.models.clip_init import ClipWeightsError, plan_seqtransf_init
-
-    if model_cfg["head"] != "seqTransf":
-        return None
-    random_clip = _is_random_init({"weights": source["weights"]})
-    if not random_clip and not source.get("pretrained"):
-        raise ClipWeightsError(
-            f"seqTransf starts from CLIP's text tower, but the cache fingerprint names weights {source['weights']!r} "
-            "without the pretrained tag or file to load them from: re-extract the cache with this version"
-        )
-    plan = plan_seqtransf_init(
-        model_name=str(source["model"]), pretrained=None if random_clip else str(source["pretrained"]),
-        weights_id=source["weights"], quick_gelu=source["quick_gelu"], dim=int(model_cfg["dim"]),
-        layers=int(model_cfg.get("transformer_layers", 4)), max_frames=int(model_cfg["max_frames"]),
-    )
-    model_cfg.setdefault("transformer_heads", plan.heads)
-    model_cfg.setdefault("transformer_act", plan.act)
-    return plan
-
-
-def _initialise(retrieval, saved, init_head, seq_plan, clip_model) -> dict | None:
-    """Weights a NEW run starts from beyond its seeded init: --init-head, or seqTransf's CLIP copy.
-    Returns the record for config.json (None for a resumed run, whose weights come from state.pt)."""
-    if saved is not None:
-        return None
-    if init_head is not None:
-        _init_from_run(retrieval, Path(init_head))
-        return {"head": f"from --init-head {init_head} (best weights)"}
-    if seq_plan is None:
-        return {"head": "seeded random init (spec sections 3-6)"}
-    from muse_pipeline.models.clip_init import init_seqtransf
-
-    init_seqtransf(retrieval.head, seq_plan, clip_model)
-    return {"head": seq_plan.note, "seqtransf": seq_plan.to_dict()}
-
-
-def _run_record(plan: SplitPlan, text_video: np.ndarray, cfg: TrainConfig, ctx: DistContext,
-                init_note: dict | None, protocol: dict | None, model_cfg: dict) -> dict:
-    """config.json fields that say what the run trains on, how it starts and how its model is chosen."""
-    train_videos = np.unique(np.asarray(text_video)[plan.train_texts])
-    if protocol is None:
-        protocol = {
-            "kind": "selection",
-            "selection": (f"best val t2v R@1 over {cfg.epochs} epochs on the {plan.val_source}, never the test split"
-                          if plan.has_val else "none: no validation set, the last epoch is the model"),
-        }
-    return {
-        "n_train_texts": int(len(plan.train_texts)),
-        "n_train_videos": int(len(train_videos)),
-        "n_val_videos": int(len(plan.val_videos)),
-        "world_size": ctx.world_size,
-        "init": init_note,
-        "protocol": protocol,
-        # CLIP's temperature (spec section 7): per-epoch values are in metrics.jsonl
-        "logit_scale": {"init": float(model_cfg.get("logit_scale_init", math.log(100.0))), "lr": cfg.clip_lr,
-                        "clamp_max": math.log(100.0)},
-    }
-
-
-def _param_rows(pair, cfg: TrainConfig) -> list[dict]:
-    from muse_pipeline.models.params import param_table
-    from muse_pipeline.training.loop import training_param_groups
-
-    return param_table(training_param_groups(pair, cfg))
+    return refit_run(run_dir, device=request.device, quiet=request.quiet, on_step_end=request.on_step_end,
+                     cache_memory=request.cache_memory, require_kernels=request.require_kernels,
+                     nccl_timeout=request.nccl_timeout)
 
 
 def param_group_rows(**kwargs: Any) -> list[dict]:
@@ -392,7 +98,7 @@ def param_group_rows(**kwargs: Any) -> list[dict]:
             e2e = saved["end_to_end_source"]
             kwargs.update(end_to_end=True, from_cache=None, dataset=e2e["dataset"], data_root=e2e["data_root"],
                           model=e2e["model"], pretrained=e2e["pretrained"], decoder=e2e["decoder"])
-    return _train_once(describe_only=True, **kwargs)
+    return _train_once(TrainRequest.from_kwargs(**kwargs).replace(describe_only=True))
 
 
 def selected_epochs(run_dir: Path | str) -> tuple[int, dict]:
@@ -427,15 +133,17 @@ def refit_run(selection_dir: Path | str, *, device: str | None = None, quiet: bo
     """Spec section 7's optional refit: the selection run's recipe, trained from its initial state on
     ALL training videos (no held-out slice; a "val" split stays validation-only and selects nothing)
     for the number of epochs validation selected; the last epoch is the model. Writes (or resumes)
-    `<selection>-refit` beside the selection run and returns it."""
+    `<selection>-refit` beside the selection run and returns it. `runtime_opts`: cache_memory,
+    require_kernels, nccl_timeout."""
     selection_dir = Path(selection_dir)
     selected, record = selected_epochs(selection_dir)
     refit_dir = selection_dir.parent / f"{selection_dir.name}-refit"
+    runtime = TrainRequest(device=device, quiet=quiet, on_step_end=on_step_end, **runtime_opts)
     if (refit_dir / "config.json").exists():
         done = read_run_config(refit_dir)
         if (done.get("protocol") or {}).get("selection_run") != record["selection_run"]:
             raise ConfigMismatch(f"{refit_dir} exists but refits another run; move it away")
-        return _train_once(resume=refit_dir, device=device, quiet=quiet, on_step_end=on_step_end, **runtime_opts)
+        return _train_once(runtime.replace(resume=refit_dir))
     config = read_run_config(selection_dir)
     train = {k: v for k, v in config["train"].items() if k not in ("head", "dataset", "end_to_end")}
     train.update(epochs=selected, val_fraction=0.0, refit=True)
@@ -449,115 +157,211 @@ def refit_run(selection_dir: Path | str, *, device: str | None = None, quiet: bo
     if not quiet:
         log.info("refit: %d epoch(s) selected on %s; training %s on all training videos",
                  selected, record["selection_val_source"], refit_dir)
-    return _train_once(**source, head=config["train"]["head"], name=refit_dir.name, runs_dir=selection_dir.parent,
-                       device=device, quiet=quiet, model_overrides=config["model"], on_step_end=on_step_end,
-                       protocol=record, **runtime_opts, **train)
+    return _train_once(runtime.replace(**source, head=config["train"]["head"], name=refit_dir.name,
+                                       runs_dir=selection_dir.parent, model_overrides=config["model"],
+                                       protocol=record, train_overrides=train))
 
 
-def _run_from_cache(
-    ctx,
-    cache_path: Path,
-    head,
-    name,
-    runs_dir,
-    saved,
-    resume,
-    init_head,
-    quiet,
-    model_overrides,
-    on_step_end,
-    train_overrides,
-    *,
-    runtime: dict[str, Any],
-    cache_memory: str = "auto",
-    require_val: bool = False,
-    protocol: dict | None = None,
-    describe_only: bool = False,
-) -> Any:
+def _train_once(req: TrainRequest) -> Any:
+    """One run (see run_train); with `req.describe_only` the parameter table instead of a run."""
+    from muse_pipeline.models.backends import check_kernels
+
+    ctx = setup(req.device, req.nccl_timeout)
+    # before anything is written: the scan/conv implementations this run gets (config.json "runtime")
+    runtime: dict[str, Any] = {
+        "backends": check_kernels(ctx.device, req.require_kernels, warn=ctx.is_main and not req.describe_only)
+    }
+    saved: dict[str, Any] | None = None
+    end_to_end, from_cache = req.end_to_end, req.from_cache
+    if req.resume is not None:
+        resume = Path(req.resume)
+        saved = read_run_config(resume)
+        if not (resume / "state.pt").is_file():
+            raise FileNotFoundError(f"{resume} has no state.pt: nothing to resume")
+        end_to_end = bool(saved.get("end_to_end", False))
+    if end_to_end:
+        if from_cache is not None:
+            raise ValueError("--from-cache and --end-to-end exclude each other")
+        return _run(ctx, req, saved, runtime, _prepare_end_to_end(ctx, req, saved))
+    if from_cache is None:
+        if saved is None:
+            raise ValueError("give --from-cache CACHE (or --end-to-end --dataset NAME --data-root PATH)")
+        from_cache = saved["cache"]
+    return _run(ctx, req, saved, runtime, _prepare_from_cache(ctx, req, saved, Path(from_cache)))
+
+
+@dataclass
+class _Prepared:
+    """What a data source contributes before the shared body of a run (`_run`).
+
+    cfg / model_cfg: the run's configs (resumed ones as saved); seq_source: the CLIP identity seqTransf's
+    plan starts from; plan_inputs: (video ids, splits, done flags, text_video) for `plan_splits`;
+    where: what errors name; make_pair(retrieval) -> the trained module; make_data(plan, cfg, runtime) ->
+    (dataset, validator); clip_model: CLIP for seqTransf's copy (None: read from the fingerprint's
+    weights); config: the source's config.json fields (cache, end_to_end, ...)."""
+
+    fp: dict
+    cfg: TrainConfig
+    model_cfg: dict
+    seq_source: dict
+    plan_inputs: tuple
+    text_video: np.ndarray
+    where: Path | str
+    default_name: str
+    make_pair: Callable[[Any], Any]
+    make_data: Callable[[SplitPlan, TrainConfig, dict], tuple[Any, Any]]
+    clip_model: Any = None
+    config: dict[str, Any] = field(default_factory=dict)
+    config_tail: dict[str, Any] = field(default_factory=dict)
+
+
+def _prepare_from_cache(ctx: DistContext, req: TrainRequest, saved: dict | None, cache_path: Path) -> _Prepared:
     from muse_pipeline.training.data import cache_dataset, choose_cache_memory, open_cache_arrays
     from muse_pipeline.training.modules import CachePairModel
     from muse_pipeline.training.validate import CacheValidator
 
-    choose_cache_memory(cache_memory, 0, ctx.device)  # a bad mode is refused before the cache is read
+    choose_cache_memory(req.cache_memory, 0, ctx.device)  # a bad mode is refused before the cache is read
     arrays = open_cache_arrays(cache_path)
     fp = arrays.fingerprint
+    overrides = dict(req.train_overrides)
     if saved is not None:
-        check_fingerprints(saved.get("fingerprint") or {}, fp, cache_path, resume)
-        cfg, model_cfg = _resumed_configs(saved, train_overrides, head)
+        check_fingerprints(saved.get("fingerprint") or {}, fp, cache_path, req.resume)
+        cfg, model_cfg = resumed_configs(saved, overrides, req.head)
     else:
         for key, have in (("frames", arrays.frames), ("words", fp.get("words"))):
-            given = train_overrides.get(key)
+            given = overrides.get(key)
             if given is not None and have is not None and int(given) != int(have):
                 raise ConfigMismatch(
                     f"--{key} {given} differs from the cache's {have} ({cache_path}); "
                     f"re-extract with --{key} {given} or drop the option"
                 )
         ds = str(fp.get("dataset", "synthetic"))
-        preset_name = ds if ds in _preset_names() else "folder"
-        cfg = TrainConfig.from_preset(preset_name, **train_overrides).replace(
+        preset_name = ds if ds in preset_names() else "folder"
+        cfg = TrainConfig.from_preset(preset_name, **overrides).replace(
             dataset=ds,
             frames=arrays.frames,
             words=int(fp.get("words", 32)),
-            head=head or train_overrides.get("head") or "muse",
+            head=req.head or overrides.get("head") or "muse",
         )
-        model_cfg = _new_model_config(cfg, arrays.dim, _grid(arrays.num_tokens), _is_random_init(fp),
-                                      model_overrides)
+        model_cfg = new_model_config(cfg, arrays.dim, grid_of(arrays.num_tokens), is_random_init(fp),
+                                     req.model_overrides)
+
+    def make_data(plan: SplitPlan, cfg: TrainConfig, runtime: dict) -> tuple[Any, Any]:
+        dataset, memory = cache_dataset(arrays, plan.train_texts, req.cache_memory, ctx.device, ctx.world_size)
+        runtime["cache_memory"] = memory.to_dict()
+        if ctx.is_main:
+            log.info("%s", memory.describe())
+        return dataset, CacheValidator(dataset, plan, arrays.text_video, arrays.text_emb, ctx.device)
+
+    return _Prepared(
+        fp=fp, cfg=cfg, model_cfg=model_cfg, seq_source=clip_source_of(fp),
+        plan_inputs=(arrays.video_ids, arrays.video_split, arrays.video_done, arrays.text_video),
+        text_video=arrays.text_video, where=cache_path, default_name=f"{cfg.dataset}-{cfg.head}",
+        make_pair=CachePairModel, make_data=make_data,
+        config={"cache": str(cache_path.resolve()), "fingerprint": fp, "end_to_end": False},
+    )
+
+
+def _prepare_end_to_end(ctx: DistContext, req: TrainRequest, saved: dict | None) -> _Prepared:
+    from muse_pipeline.cache.fingerprint import build_fingerprint as extract_fingerprint
+    from muse_pipeline.data import load_dataset
+    from muse_pipeline.encoders.clip import ClipEncoder
+    from muse_pipeline.extract.config import ExtractConfig
+    from muse_pipeline.training.data import CACHED, EndToEndPairDataset
+    from muse_pipeline.training.modules import EndToEndPairModel
+    from muse_pipeline.training.validate import EndToEndValidator
+
+    dataset, data_root = req.dataset, req.data_root
+    model, pretrained, decoder = req.model, req.pretrained, req.decoder
+    overrides = dict(req.train_overrides)
+    if saved is not None:
+        e2e = saved["end_to_end_source"]
+        dataset = dataset or e2e["dataset"]
+        data_root = data_root or e2e["data_root"]
+        model, pretrained, decoder = e2e["model"], e2e["pretrained"], e2e["decoder"]
+    if dataset is None or data_root is None:
+        raise ValueError("--end-to-end needs --dataset NAME and --data-root PATH")
+    index = load_dataset(dataset, data_root)
+    # CLIP is built on the CPU first: the pair model moves to the rank's device with the trainer.
+    encoder = ClipEncoder(model, pretrained=pretrained, device="cpu")
+    info = encoder.describe()
+    if saved is not None:
+        cfg, model_cfg = resumed_configs(saved, overrides, req.head)
+    else:
+        cfg = TrainConfig.from_preset(dataset, **overrides).replace(head=req.head or "muse", end_to_end=True)
+        model_cfg = new_model_config(cfg, encoder.dim, encoder.grid, pretrained is None, req.model_overrides)
+    # the same identity as a cache of these frames would carry (model, weights, frames, annotations...)
+    source = ExtractConfig(dataset=dataset, data_root=Path(data_root), model=model, pretrained=pretrained,
+                           frames=cfg.frames, words=cfg.words, decoder=decoder)
+    fp = {**extract_fingerprint(source, index, info), "mode": "end-to-end"}
+    if saved is not None:
+        check_fingerprints(saved.get("fingerprint") or {}, fp, data_root, req.resume)
+    text_video = np.asarray([c.video_index for c in index.captions], dtype=np.int64)
+
+    def make_pair(retrieval: Any) -> Any:
+        pair = EndToEndPairModel(encoder, retrieval)
+        # CLIP's own temperature (and SigLIP-style bias) are unused here: the run's temperature is the
+        # RetrievalModel's logit_scale (initialised as CLIP's, trained at the CLIP lr). Frozen, so DDP
+        # sees no unused grads.
+        encoder.model.logit_scale.requires_grad_(False)
+        if getattr(encoder.model, "logit_bias", None) is not None:
+            encoder.model.logit_bias.requires_grad_(False)
+        return pair
+
+    def make_data(plan: SplitPlan, cfg: TrainConfig, runtime: dict) -> tuple[Any, Any]:
+        text_ids = encoder.tokenize([c.text for c in index.captions], cfg.words)
+        ds = EndToEndPairDataset(index.videos, text_video, text_ids, plan.train_texts, cfg.frames,
+                                 encoder.image_size, encoder.mean, encoder.std, decoder)
+        return ds, EndToEndValidator(ds, plan, text_video, ctx.device)
+
+    return _Prepared(
+        fp=fp, cfg=cfg, model_cfg=model_cfg,
+        seq_source={"model": model, "pretrained": pretrained, "weights": info["weights_id"],
+                    "quick_gelu": info["quick_gelu"]},
+        plan_inputs=([v.id for v in index.videos], [v.split for v in index.videos],
+                     np.full(len(index.videos), CACHED, np.uint8), text_video),
+        text_video=text_video, where=data_root, default_name=f"{dataset}-{cfg.head}-e2e",
+        make_pair=make_pair, make_data=make_data, clip_model=encoder.model,
+        config={"cache": None, "fingerprint": fp, "end_to_end": True},
+        config_tail={
+            "end_to_end_source": {"dataset": dataset, "data_root": str(Path(data_root).resolve()), "model": model,
+                                  "pretrained": pretrained, "decoder": decoder},
+            "init_head": str(req.init_head) if req.init_head else None,
+        },
+    )
+
+
+def _run(ctx: DistContext, req: TrainRequest, saved: dict | None, runtime: dict[str, Any], prep: _Prepared) -> Any:
+    """The part both sources share: seqTransf plan, split plan, model, init, config.json, training."""
+    cfg, model_cfg = prep.cfg, prep.model_cfg
     seq_plan = None
     if saved is None:
         cfg = cfg.replace(amp=effective_amp(cfg, ctx.device))  # config.json records what really runs
-        seq_plan = _seqtransf_plan(model_cfg, _clip_source_of(fp))
-    plan = plan_splits(
-        arrays.video_ids, arrays.video_split, arrays.video_done, arrays.text_video, cfg.val_fraction
-    )
-    _check_plan(plan, cache_path, cfg, require_val)
-    retrieval = _build_model(model_cfg, cfg.seed)
-    pair = CachePairModel(retrieval)
-    if describe_only:
-        return _param_rows(pair, cfg)
-    init_note = _initialise(retrieval, saved, init_head, seq_plan, clip_model=None)
-    dataset, memory = cache_dataset(arrays, plan.train_texts, cache_memory, ctx.device, ctx.world_size)
-    runtime["cache_memory"] = memory.to_dict()
-    if ctx.is_main:
-        log.info("%s", memory.describe())
-    validator = CacheValidator(dataset, plan, arrays.text_video, arrays.text_emb, ctx.device)
+        seq_plan = seqtransf_plan(model_cfg, prep.seq_source)
+    plan = plan_splits(*prep.plan_inputs, cfg.val_fraction)
+    check_plan(plan, prep.where, cfg, req.needs_val)
+    retrieval = build_model(model_cfg, cfg.seed)
+    if req.describe_only:
+        return param_rows(prep.make_pair(retrieval), cfg)
+    init_note = initialise(retrieval, saved, req.init_head, seq_plan, prep.clip_model)
+    pair = prep.make_pair(retrieval)
+    dataset, validator = prep.make_data(plan, cfg, runtime)
     if saved is not None:
-        run_dir = Path(resume)
+        run_dir = Path(req.resume)
     else:
-        run_dir = _choose_run_dir(ctx, runs_dir, name, f"{cfg.dataset}-{cfg.head}")
+        run_dir = choose_run_dir(ctx, Path(req.runs_dir), req.name, prep.default_name)
         config = {
             "model": model_cfg,
             "train": cfg.to_dict(),
-            "cache": str(cache_path.resolve()),
-            "fingerprint": fp,
-            "end_to_end": False,
+            **prep.config,
             "val_source": plan.val_source,
-            **_run_record(plan, arrays.text_video, cfg, ctx, init_note, protocol, model_cfg),
+            **prep.config_tail,
+            **run_record(plan, prep.text_video, cfg, ctx, init_note, req.protocol, model_cfg),
             "runtime": runtime,
         }
         if ctx.is_main:
             atomic_write_json(run_dir / "config.json", config)
-    return _fit(ctx, pair, dataset, cfg, run_dir, validator, resume is not None, quiet, on_step_end, plan)
-
-
-def _preset_names() -> set[str]:
-    from muse_pipeline.config import PRESETS
-
-    return set(PRESETS)
-
-
-def _check_plan(plan: SplitPlan, where: Path | str, cfg: TrainConfig, require_val: bool = False) -> None:
-    if require_val and not plan.has_val:
-        raise CacheError(
-            f"--refit retrains for the epoch count that validation selects, but {where} gives no validation "
-            "set (no 'val' split and --val-fraction 0): set --val-fraction (e.g. 0.05) or drop --refit"
-        )
-    if len(plan.train_texts) == 0:
-        raise CacheError(f"{where} has no training texts (no cached videos in split 'train')")
-    if len(plan.train_texts) < cfg.batch_size:
-        raise CacheError(
-            f"{where} has {len(plan.train_texts)} training texts, fewer than the global batch "
-            f"{cfg.batch_size}: lower --batch-size"
-        )
+    return _fit(ctx, pair, dataset, cfg, run_dir, validator, req.resume is not None, req.quiet, req.on_step_end, plan)
 
 
 def _fit(
@@ -592,123 +396,3 @@ def _fit(
         raise
     barrier(ctx)
     return run_dir
-
-
-def _run_end_to_end(
-    ctx,
-    dataset,
-    data_root,
-    model,
-    pretrained,
-    decoder,
-    head,
-    name,
-    runs_dir,
-    saved,
-    resume,
-    init_head,
-    quiet,
-    model_overrides,
-    on_step_end,
-    train_overrides,
-    *,
-    runtime: dict[str, Any],
-    require_val: bool = False,
-    protocol: dict | None = None,
-    describe_only: bool = False,
-) -> Any:
-    from muse_pipeline.cache.fingerprint import build_fingerprint as extract_fingerprint
-    from muse_pipeline.data import load_dataset
-    from muse_pipeline.encoders.clip import ClipEncoder
-    from muse_pipeline.extract.config import ExtractConfig
-    from muse_pipeline.training.data import CACHED, EndToEndPairDataset
-    from muse_pipeline.training.modules import EndToEndPairModel
-    from muse_pipeline.training.validate import EndToEndValidator
-
-    if saved is not None:
-        e2e = saved["end_to_end_source"]
-        dataset = dataset or e2e["dataset"]
-        data_root = data_root or e2e["data_root"]
-        model, pretrained, decoder = e2e["model"], e2e["pretrained"], e2e["decoder"]
-    if dataset is None or data_root is None:
-        raise ValueError("--end-to-end needs --dataset NAME and --data-root PATH")
-    index = load_dataset(dataset, data_root)
-    # CLIP is built on the CPU first: the pair model moves to the rank's device with the trainer.
-    encoder = ClipEncoder(model, pretrained=pretrained, device="cpu")
-    info = encoder.describe()
-    if saved is not None:
-        cfg, model_cfg = _resumed_configs(saved, train_overrides, head)
-    else:
-        cfg = TrainConfig.from_preset(dataset, **train_overrides).replace(
-            head=head or "muse", end_to_end=True
-        )
-        model_cfg = _new_model_config(cfg, encoder.dim, encoder.grid, pretrained is None, model_overrides)
-    # the same identity as a cache of these frames would carry (model, weights, frames, annotations...)
-    source = ExtractConfig(dataset=dataset, data_root=Path(data_root), model=model, pretrained=pretrained,
-                           frames=cfg.frames, words=cfg.words, decoder=decoder)
-    fp = {**extract_fingerprint(source, index, info), "mode": "end-to-end"}
-    if saved is not None:
-        check_fingerprints(saved.get("fingerprint") or {}, fp, data_root, resume)
-    text_video = np.asarray([c.video_index for c in index.captions], dtype=np.int64)
-    plan = plan_splits(
-        [v.id for v in index.videos],
-        [v.split for v in index.videos],
-        np.full(len(index.videos), CACHED, np.uint8),
-        text_video,
-        cfg.val_fraction,
-    )
-    _check_plan(plan, data_root, cfg, require_val)
-    seq_plan = None
-    if saved is None:
-        cfg = cfg.replace(amp=effective_amp(cfg, ctx.device))  # config.json records what really runs
-        seq_plan = _seqtransf_plan(model_cfg, {"model": model, "pretrained": pretrained, "weights": info["weights_id"],
-                                               "quick_gelu": info["quick_gelu"]})
-    text_ids = encoder.tokenize([c.text for c in index.captions], cfg.words)
-    retrieval = _build_model(model_cfg, cfg.seed)
-    init_note = None if describe_only else _initialise(retrieval, saved, init_head, seq_plan, encoder.model)
-    pair = EndToEndPairModel(encoder, retrieval)
-    # CLIP's own temperature (and SigLIP-style bias) are unused here: the run's temperature is the
-    # RetrievalModel's logit_scale (initialised as CLIP's, trained at the CLIP lr). Frozen, so DDP
-    # sees no unused grads.
-    encoder.model.logit_scale.requires_grad_(False)
-    if getattr(encoder.model, "logit_bias", None) is not None:
-        encoder.model.logit_bias.requires_grad_(False)
-    if describe_only:
-        return _param_rows(pair, cfg)
-    ds = EndToEndPairDataset(
-        index.videos,
-        text_video,
-        text_ids,
-        plan.train_texts,
-        cfg.frames,
-        encoder.image_size,
-        encoder.mean,
-        encoder.std,
-        decoder,
-    )
-    validator = EndToEndValidator(ds, plan, text_video, ctx.device)
-    if saved is not None:
-        run_dir = Path(resume)
-    else:
-        run_dir = _choose_run_dir(ctx, runs_dir, name, f"{dataset}-{cfg.head}-e2e")
-        config = {
-            "model": model_cfg,
-            "train": cfg.to_dict(),
-            "cache": None,
-            "fingerprint": fp,
-            "end_to_end": True,
-            "val_source": plan.val_source,
-            "end_to_end_source": {
-                "dataset": dataset,
-                "data_root": str(Path(data_root).resolve()),
-                "model": model,
-                "pretrained": pretrained,
-                "decoder": decoder,
-            },
-            "init_head": str(init_head) if init_head else None,
-            **_run_record(plan, text_video, cfg, ctx, init_note, protocol, model_cfg),
-            "runtime": runtime,
-        }
-        if ctx.is_main:
-            atomic_write_json(run_dir / "config.json", config)
-    return _fit(ctx, pair, ds, cfg, run_dir, validator, resume is not None, quiet, on_step_end, plan)

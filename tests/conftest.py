@@ -7,6 +7,9 @@
 - `synthetic_root`: a generated 12-video synthetic dataset (session-wide, read-only by convention).
 - `bad_videos`: {"missing", "empty", "truncated", "truncated_faststart", "not_video"} -> Path;
   `decode_clip` of any of them (whole video) raises DecodeError.
+- `store_videos(cache, {row: tokens [n, L, D] | None})` (plain function, `from conftest import ...`):
+  writes cached (tokens, n real frames, zero padding) or failed (None) videos into a FeatureCache with
+  `write_shard_videos`, one call per contiguous run of rows within a shard.
 """
 
 from __future__ import annotations
@@ -184,3 +187,25 @@ def caption_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_clip):
     config = {"model": {"head": "fake"}, "cache": str(cache.path), "fingerprint": FP}
     monkeypatch.setattr(checkpoint, "load_run", lambda run_dir, which="best": (FakeRun(), config))
     return build_index(run, cache.path, tmp_path / "index"), cache
+
+
+def store_videos(cache, videos: dict) -> None:
+    """See the module docstring: rows -> tokens [n, L, D] (status 1) or None (status 2)."""
+    rows = sorted(videos)
+    runs: list[list[int]] = []
+    for i in rows:
+        if runs and i == runs[-1][-1] + 1 and cache.shard_of(i) == cache.shard_of(runs[-1][0]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    for run in runs:
+        tokens = np.zeros((len(run), cache.frames, cache.num_tokens, cache.dim), np.float16)
+        mask = np.zeros((len(run), cache.frames), np.uint8)
+        done = np.full(len(run), 2, np.uint8)
+        for r, i in enumerate(run):
+            if videos[i] is not None:
+                n = len(videos[i])
+                tokens[r, :n] = videos[i]
+                mask[r, :n] = 1
+                done[r] = 1
+        cache.write_shard_videos(run[0], tokens, mask, done)

@@ -34,7 +34,7 @@ class FakeRun:
         return self
 
     def embed_videos(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        from muse_pipeline.stages.evaluate import ZeroShotMeanP
+        from muse_pipeline.evaluation.embed import ZeroShotMeanP
 
         return ZeroShotMeanP().embed_videos(tokens, mask)
 

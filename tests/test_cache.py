@@ -10,10 +10,9 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from conftest import store_videos
 
 from muse_pipeline.cache import (
-    CACHED,
-    FAILED,
     FeatureCache,
     FingerprintMismatch,
     cache_info,
@@ -68,6 +67,8 @@ def test_layout_matches_the_documented_format(tmp_path: Path) -> None:
         "videos/tokens": ((7, T, L, D), "float16"),
         "videos/mask": ((7, T), "uint8"),
         "videos/done": ((7,), "uint8"),
+        "videos/start": ((7,), "float64"),
+        "videos/end": ((7,), "float64"),
         "texts/tokens": ((9, W), "int32"),
         "texts/embeddings": ((9, D), "float16"),
         "texts/video_index": ((9,), "int32"),
@@ -99,6 +100,7 @@ def test_layout_matches_the_documented_format(tmp_path: Path) -> None:
     assert root["videos/ids"][:].tolist() == [f"vid{i}" for i in range(7)]
     assert root["videos/split"][:].tolist() == SPLITS
     assert root["videos/paths"][:].tolist() == [f"/data/vid{i}.mp4" for i in range(7)]
+    assert np.isnan(root["videos/start"][:]).all() and np.isnan(root["videos/end"][:]).all()  # whole videos
     assert root["texts/video_index"][:].tolist() == [0, 0, 1, 2, 3, 4, 5, 6, 6]
     assert root["texts/captions"][2] == "caption 2 of video 1"
     np.testing.assert_array_equal(root["texts/tokens"][:], _text_tokens())
@@ -133,12 +135,7 @@ def test_properties_and_shard_ranges(tmp_path: Path) -> None:
 def test_write_read_round_trip_with_mask_and_done(tmp_path: Path) -> None:
     cache = _create(tmp_path / "c.zarr")
     frames = {0: 3, 1: 1, 3: 2, 4: 3, 5: 3, 6: 1}
-    with cache:
-        for i in range(7):
-            if i == 2:
-                cache.write_video(i, None, FAILED)
-            else:
-                cache.write_video(i, _tokens(i, frames[i]), CACHED)
+    store_videos(cache, {i: None if i == 2 else _tokens(i, frames[i]) for i in range(7)})
     reader = FeatureCache.open(tmp_path / "c.zarr")
     tokens, mask = reader.read_videos(range(7))
     assert tokens.dtype == np.float16 and tokens.shape == (7, T, L, D)
@@ -163,8 +160,7 @@ def test_write_read_round_trip_with_mask_and_done(tmp_path: Path) -> None:
 
 def test_read_videos_order_duplicates_and_sparse(tmp_path: Path) -> None:
     cache = _create(tmp_path / "c.zarr")
-    for i in range(7):
-        cache.write_video(i, _tokens(i, 1 + i % T))
+    store_videos(cache, {i: _tokens(i, 1 + i % T) for i in range(7)})
     full_tokens, full_mask = cache.read_videos(np.arange(7))
     for idx in ([6, 0, 3], [1, 1, 5], [0, 2, 6], [4]):
         tokens, mask = cache.read_videos(idx)
@@ -173,21 +169,6 @@ def test_read_videos_order_duplicates_and_sparse(tmp_path: Path) -> None:
     assert cache.read_videos([])[0].shape == (0, T, L, D)
     with pytest.raises(IndexError):
         cache.read_videos([7])
-
-
-def test_write_video_buffers_until_the_shard_is_complete(tmp_path: Path) -> None:
-    cache = _create(tmp_path / "c.zarr")
-    reader = FeatureCache.open(tmp_path / "c.zarr")
-    cache.write_video(3, _tokens(3, 2))
-    cache.write_video(4, _tokens(4, 2))
-    assert reader.read_done()[3:6].tolist() == [0, 0, 0]  # shard 1 not complete: nothing written yet
-    assert cache.pending_videos().tolist() == [0, 1, 2, 5, 6]  # the writer knows what it has buffered
-    cache.write_video(5, None, FAILED)  # completes shard 1: written at once
-    assert reader.read_done()[3:6].tolist() == [1, 1, 2]
-    cache.write_video(0, _tokens(0, 1))
-    cache.flush()
-    assert reader.read_done()[0] == 1
-    np.testing.assert_array_equal(reader.read_videos([0])[0][0, 0], _tokens(0, 1)[0])
 
 
 def test_write_shard_videos_batch(tmp_path: Path) -> None:
@@ -205,39 +186,18 @@ def test_write_shard_videos_batch(tmp_path: Path) -> None:
 def test_a_write_to_shard_k_touches_only_shard_k_files(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
     cache = _create(path)
-    for i in (0, 1, 2, 6):  # shards 0 and 2 have data files already
-        cache.write_video(i, _tokens(i, 2))
+    store_videos(cache, {i: _tokens(i, 2) for i in (0, 1, 2, 6)})  # shards 0 and 2 have data files already
     before = _snapshot(path)
-    for i in (3, 4, 5):
-        cache.write_video(i, _tokens(i, 3))
+    store_videos(cache, {i: _tokens(i, 3) for i in (3, 4, 5)})
     after = _snapshot(path)
     changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     assert changed == {"videos/tokens/c/1/0/0/0", "videos/mask/c/1/0", "videos/done/c/1"}
 
 
-def test_partial_shard_flush_keeps_rows_written_earlier(tmp_path: Path) -> None:
-    path = tmp_path / "c.zarr"
-    cache = _create(path)
-    cache.write_video(1, _tokens(1, 2))
-    cache.flush()
-    resumed = FeatureCache.open_or_create(
-        path, _index(), frames=T, num_tokens=L, dim=D, words=W, fingerprint=FP
-    )
-    resumed.write_video(0, _tokens(0, 3))
-    resumed.write_video(2, None, FAILED)  # completes shard 0 around the stored row 1
-    tokens, mask = FeatureCache.open(path).read_videos([0, 1, 2])
-    np.testing.assert_array_equal(tokens[0], _tokens(0, 3))
-    np.testing.assert_array_equal(tokens[1, :2], _tokens(1, 2))
-    assert mask.tolist() == [[1, 1, 1], [1, 1, 0], [0, 0, 0]]
-    assert FeatureCache.open(path).read_done()[:3].tolist() == [1, 1, 2]
-
-
 def test_reopen_resumes_the_pending_list(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
     cache = _create(path)
-    for i in (3, 4, 5):
-        cache.write_video(i, _tokens(i, 1))  # shard 1 complete: stored
-    cache.write_video(0, _tokens(0, 1))  # buffered, then the process "dies" without flushing
+    store_videos(cache, {i: _tokens(i, 1) for i in (3, 4, 5)})  # shard 1 stored, then the process "dies"
     del cache
     resumed = FeatureCache.open_or_create(
         path, _index(), frames=T, num_tokens=L, dim=D, words=W, fingerprint=FP
@@ -250,8 +210,7 @@ def test_reopen_resumes_the_pending_list(tmp_path: Path) -> None:
 def test_fingerprint_mismatch_is_refused_and_overwrite_recreates(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
     cache = _create(path)
-    for i in range(3):
-        cache.write_video(i, _tokens(i, 1))
+    store_videos(cache, {i: _tokens(i, 1) for i in range(3)})
     other = {**FP, "encoder": {"model_name": "muse-tiny", "weights_id": "sha256-of-a-file"}, "extra": 1}
     kw = dict(frames=T, num_tokens=L, dim=D, words=W)
     with pytest.raises(FingerprintMismatch) as err:
@@ -316,20 +275,15 @@ def test_split_indices(tmp_path: Path) -> None:
 
 def test_bad_writes_are_refused(tmp_path: Path) -> None:
     cache = _create(tmp_path / "c.zarr")
-    with pytest.raises(ValueError, match=r"1 <= n <= 3"):
-        cache.write_video(0, np.zeros((T + 1, L, D)))
-    with pytest.raises(ValueError, match=r"\[n, 5, 4\]"):
-        cache.write_video(0, np.zeros((2, L, D + 1)))
-    with pytest.raises(ValueError, match="no tokens"):
-        cache.write_video(0, np.zeros((1, L, D)), FAILED)
-    with pytest.raises(ValueError, match="inf/nan"):
-        cache.write_video(0, np.full((1, L, D), 1e6))  # overflows float16
-    with pytest.raises(ValueError, match="status"):
-        cache.write_video(0, np.zeros((1, L, D)), 0)
+    one = (np.zeros((1, T, L, D), np.float16), np.ones((1, T), np.uint8), np.ones(1, np.uint8))
+    with pytest.raises(ValueError, match="expected tokens"):
+        cache.write_shard_videos(0, np.zeros((1, T + 1, L, D)), *one[1:])
+    with pytest.raises(ValueError, match="done values"):
+        cache.write_shard_videos(0, *one[:2], np.array([3], np.uint8))
     with pytest.raises(IndexError):
-        cache.write_video(7, np.zeros((1, L, D)))
+        cache.write_shard_videos(7, *one)
     with pytest.raises(PermissionError, match="read-only"):
-        FeatureCache.open(tmp_path / "c.zarr").write_video(0, np.zeros((1, L, D)))
+        FeatureCache.open(tmp_path / "c.zarr").write_shard_videos(0, *one)
     with pytest.raises(ValueError, match="not a muse feature cache"):
         FeatureCache.open(tmp_path)
 
@@ -337,12 +291,7 @@ def test_bad_writes_are_refused(tmp_path: Path) -> None:
 def test_hdf5_export_equals_the_zarr_arrays(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
     cache = _create(path, text_tokens=_text_tokens())
-    for i in range(7):
-        if i == 5:
-            cache.write_video(i, None, FAILED)
-        elif i != 6:
-            cache.write_video(i, _tokens(i, 1 + i % T))
-    cache.flush()  # video 6 stays pending
+    store_videos(cache, {i: None if i == 5 else _tokens(i, 1 + i % T) for i in range(6)})  # video 6 stays pending
     cache.write_texts(0, embeddings=np.random.default_rng(1).standard_normal((9, D)).astype(np.float16))
     cache.add_failures([{"id": "vid5", "reason": "missing file"}])
 
@@ -368,8 +317,7 @@ def test_hdf5_export_equals_the_zarr_arrays(tmp_path: Path) -> None:
 def test_cache_info(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
     cache = _create(path)
-    for i in (0, 1, 2):
-        cache.write_video(i, _tokens(i, 1) if i != 2 else None, CACHED if i != 2 else FAILED)
+    store_videos(cache, {0: _tokens(0, 1), 1: _tokens(1, 1), 2: None})
     cache.write_texts(0, embeddings=np.ones((2, D), np.float16))
     cache.add_failures([{"id": "vid2", "reason": "broken"}])
     info = cache_info(path)
@@ -402,9 +350,8 @@ def test_batch_reads_equal_zarr_bit_for_bit(tmp_path: Path, compression) -> None
     """read_videos (whole chunks straight from the shard files) against zarr's own reads of the same
     store: unsorted, repeated, across shards, never-written rows (fill value) and the short last shard."""
     cache = _create(tmp_path / "c.zarr", compression=compression)
-    for i in (0, 1, 2, 4, 6):  # 3 and 5 stay pending: shard 1 is partial, row 5 never written
-        cache.write_video(i, _tokens(i, 1 + i % T))
-    cache.flush()
+    # 3 and 5 stay pending: shard 1 is partial, row 5 never written
+    store_videos(cache, {i: _tokens(i, 1 + i % T) for i in (0, 1, 2, 4, 6)})
     reader = FeatureCache.open(tmp_path / "c.zarr")
     raw = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     want_tokens, want_mask = raw["videos/tokens"][:], raw["videos/mask"][:]
@@ -418,13 +365,11 @@ def test_batch_reads_equal_zarr_bit_for_bit(tmp_path: Path, compression) -> None
 
 def test_batch_reads_fall_back_to_zarr_slices_for_other_layouts(tmp_path: Path, monkeypatch) -> None:
     cache = _create(tmp_path / "c.zarr")
-    for i in range(7):
-        cache.write_video(i, _tokens(i, 1 + i % T))
-    cache.flush()
+    store_videos(cache, {i: _tokens(i, 1 + i % T) for i in range(7)})
     direct = FeatureCache.open(tmp_path / "c.zarr").read_videos([6, 1, 2, 3])
-    from muse_pipeline.cache import store
+    from muse_pipeline.cache import shard_reader
 
-    monkeypatch.setattr(store._ShardFiles, "open", classmethod(lambda cls, root, array: None))
+    monkeypatch.setattr(shard_reader.ShardFileReader, "open", classmethod(lambda cls, root: None))
     reader = FeatureCache.open(tmp_path / "c.zarr")
     sliced = reader.read_videos([6, 1, 2, 3])
     assert reader._shard_files is False
@@ -434,9 +379,7 @@ def test_batch_reads_fall_back_to_zarr_slices_for_other_layouts(tmp_path: Path, 
 
 def test_reader_sees_a_rewritten_shard_and_rejects_a_damaged_index(tmp_path: Path) -> None:
     cache = _create(tmp_path / "c.zarr")
-    for i in range(3):
-        cache.write_video(i, _tokens(i, T))
-    cache.flush()
+    store_videos(cache, {i: _tokens(i, T) for i in range(3)})
     first, _ = cache.read_videos([0, 1, 2])
     np.testing.assert_array_equal(first[1], _tokens(1, T))
     cache.write_shard_videos(0, np.stack([_tokens(10 + i, T) for i in range(3)]), np.ones((3, T), np.uint8),
@@ -461,3 +404,49 @@ def test_read_videos_into_validates_its_buffers(tmp_path: Path) -> None:
     out = np.full((2, T, L, D), 7, np.float16)
     cache.read_videos_into(np.array([3, 4]), out)
     assert (out == 0).all()  # pending rows read as the fill value
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_shard_file_reader_equals_its_zarr_slice_reference(tmp_path: Path, compression) -> None:
+    from muse_pipeline.cache.shard_reader import ShardFileReader, read_rows_sliced
+
+    cache = _create(tmp_path / "c.zarr", compression=compression)
+    store_videos(cache, {i: _tokens(i, 1 + i % T) for i in (0, 2, 3, 6)})  # row 1 and rows 4-5 never written
+    array = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["videos/tokens"]
+    reader = ShardFileReader.open(tmp_path / "c.zarr" / "videos" / "tokens")
+    assert reader is not None
+    for rows in ([0, 1, 2, 3, 4, 5, 6], [1, 4], [6], [0, 3, 5]):
+        rows = np.asarray(rows, dtype=np.int64)
+        fast = np.full((rows.size, T, L, D), 9, np.float16)
+        slow = np.full((rows.size, T, L, D), 7, np.float16)
+        reader.read_into(rows, fast, cache.videos_per_shard)
+        read_rows_sliced(array, rows, slow)
+        assert fast.tobytes() == slow.tobytes()
+
+
+def test_read_windows_of_a_store_without_window_arrays_is_nan(tmp_path: Path) -> None:
+    import shutil
+
+    _create(tmp_path / "c.zarr")
+    for name in ("start", "end"):  # a store made before the window arrays existed
+        shutil.rmtree(tmp_path / "c.zarr" / "videos" / name)
+    windows = FeatureCache.open(tmp_path / "c.zarr").read_windows([0, 6])
+    assert windows.shape == (2, 2) and np.isnan(windows).all()
+    with pytest.raises(IndexError):
+        FeatureCache.open(tmp_path / "c.zarr").read_windows([7])
+
+
+def test_fingerprint_key_sets_compare_as_their_callers_did() -> None:
+    from muse_pipeline.cache.compat import CLIP_KEYS, RESUME_KEYS, differing_keys, fingerprint_paths_differing
+
+    run = {"dataset": "msrvtt", "model": "ViT-B-32", "weights": "w1", "frames": 12, "extra": 1}
+    # resume: a key the cache lacks differs; keys outside the set never count
+    assert differing_keys(run, {"dataset": "msrvtt", "model": "ViT-B-32", "weights": "w1"}, RESUME_KEYS) == ["frames"]
+    assert differing_keys(run, {**run, "weights": "w2", "extra": 2}, RESUME_KEYS) == ["weights"]
+    # evaluation: only the CLIP keys, and only where both sides have them
+    assert differing_keys(run, {"model": "ViT-B-16"}, CLIP_KEYS) == ["model"]
+    assert differing_keys(run, {"dataset": "didemo", "frames": 8}, CLIP_KEYS) == []
+    assert differing_keys({}, {"model": "x"}, RESUME_KEYS) == []  # keys the run lacks are not compared
+    assert fingerprint_paths_differing({"a": 1, "b": {"c": 1}}, {"a": 1, "b": {"c": 2}, "d": 0}, "fp.") == [
+        "fp.b.c", "fp.d"]
+    assert fingerprint_paths_differing({"a": [1]}, {"a": [1]}) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import store_videos
 from safetensors.torch import load_file
 
 from muse_pipeline.errors import InputError
@@ -39,10 +40,8 @@ def _cache(path: Path, n_videos: int = 14) -> Path:
     cache = FeatureCache.create(path, DatasetIndex("synthetic", path.parent, videos, caps), frames=3,
                                 num_tokens=5, dim=8, words=8, fingerprint=FP, videos_per_shard=4,
                                 text_tokens=np.ones((len(caps), 8), np.int32))
-    for i in range(n_videos):
-        cache.write_video(i, rng.standard_normal((1 + i % 3, 5, 8)).astype(np.float16))
+    store_videos(cache, {i: rng.standard_normal((1 + i % 3, 5, 8)).astype(np.float16) for i in range(n_videos)})
     cache.write_texts(0, embeddings=rng.standard_normal((len(caps), 8)).astype(np.float16))
-    cache.close()
     return path
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from muse_pipeline.models import conv as conv_mod
+from muse_pipeline.models import dispatch
 from muse_pipeline.models import scan as scan_mod
 from muse_pipeline.models.bimamba import BiMamba
 from muse_pipeline.models.conv import causal_conv1d, causal_conv1d_torch
@@ -261,9 +262,8 @@ def kernels(monkeypatch):
     monkeypatch.delenv("MUSE_SCAN", raising=False)
     monkeypatch.delenv("MUSE_CONV", raising=False)
     monkeypatch.setattr(conv_mod, "_kernel", lambda: fake_causal_conv1d_fn)
-    monkeypatch.setattr(conv_mod, "_on_kernel_device", lambda x: True)
     monkeypatch.setattr(scan_mod, "_mamba_kernel", lambda: fake_selective_scan_fn)
-    monkeypatch.setattr(scan_mod, "_on_kernel_device", lambda x: True)
+    monkeypatch.setattr(dispatch, "on_kernel_device", lambda x: True)
     yield STANDIN_CALLS
 
 

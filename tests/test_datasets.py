@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from muse_pipeline.data import DATASETS, AnnotationError, load_dataset
@@ -396,3 +397,58 @@ def test_folder_follows_symlinked_folders_and_stops_at_loops(tmp_path):
     index = load_dataset("folder", root)
     assert [v.id for v in index.videos] == ["a", "linked/deep/b"]
     assert index.videos[1].path == root / "linked" / "deep" / "b.mp4"
+
+
+# ------------------------------------------------------------------- clip windows in the cache
+
+
+def _windows_by_dataset_rule(dataset: str, ids: list[str]) -> np.ndarray:
+    """What the search index derived before caches stored windows (stages/search.py `_windows` as of
+    commit ffa6b40, transcribed): DiDeMo clips are the first 30 s; a folder clip id `<video>@<start>-<end>`
+    carries its window; anything else is the whole video (NaN)."""
+    out = np.full((len(ids), 2), np.nan)
+    for j, vid in enumerate(ids):
+        if dataset == "didemo":
+            out[j] = (0.0, 30.0)
+        elif "@" in vid:
+            lo, sep, hi = vid.rsplit("@", 1)[1].partition("-")
+            try:
+                out[j] = (float(lo) if lo else np.nan, float(hi) if hi else np.nan) if sep else out[j]
+            except ValueError:
+                pass
+    return out
+
+
+def _synthetic_meta(root: Path) -> None:
+    videos = [{"id": f"syn{i}", "file": f"syn{i}.mp4", "split": s} for i, s in enumerate(("train", "test"))]
+    _write_json(root / "synthetic.json",
+                {"videos": videos, "captions": [{"video": v["id"], "text": "a shape"} for v in videos]})
+
+
+def _folder_with_windows(root: Path) -> None:
+    _folder(root)
+    (root / "captions.csv").write_text(
+        "video,caption,split,start,end\n"
+        "a.mp4,whole a,train,,\n"
+        "c.avi,c window,val,1.5,4\n"
+        "c.avi,c open end,val,2,\n"
+        "sub/b,b open start,,,7.25\n"
+    )
+
+
+@pytest.mark.parametrize("dataset", ["msrvtt", "didemo", "activitynet", "folder", "synthetic"])
+def test_cache_stores_each_clip_window_as_the_dataset_rules_give_it(tmp_path, dataset):
+    from muse_pipeline.cache.store import FeatureCache
+
+    root = tmp_path / "data"
+    {"msrvtt": _msrvtt, "didemo": _didemo, "activitynet": _activitynet, "folder": _folder_with_windows,
+     "synthetic": _synthetic_meta}[dataset](root)
+    index = load_dataset(dataset, root)
+    cache = FeatureCache.create(tmp_path / "c.zarr", index, frames=2, num_tokens=5, dim=4, words=3,
+                                fingerprint={"dataset": dataset})
+    rows = np.arange(len(index.videos))
+    stored = FeatureCache.open(tmp_path / "c.zarr").read_windows(rows[::-1])
+    assert stored.dtype == np.float64 and stored.shape == (len(rows), 2)
+    np.testing.assert_array_equal(stored, _windows_by_dataset_rule(dataset, cache.video_ids)[::-1])
+    if dataset in ("didemo", "folder"):
+        assert np.isfinite(stored).any()  # the case has real windows, not only NaN

@@ -11,6 +11,7 @@ import torch
 
 from muse_pipeline.cache.store import FeatureCache
 from muse_pipeline.data.base import CaptionItem, DatasetIndex, VideoItem
+from muse_pipeline.evaluation import embed, end_to_end, score, tables
 from muse_pipeline.metrics import retrieval_metrics
 from muse_pipeline.stages import evaluate as ev
 
@@ -114,7 +115,7 @@ class CountingModel:
 def test_embed_split_embeds_each_video_and_text_once(tmp_path: Path) -> None:
     cache = make_cache(tmp_path, n_test=7, n_train=3)
     model = CountingModel()
-    video_emb, text_emb, c2v = ev.embed_split(model, cache, "test", batch_size=3)
+    video_emb, text_emb, c2v = embed.embed_split(model, cache, "test", batch_size=3)
     assert video_emb.shape == (7, D) and text_emb.shape == (14, D)
     assert model.video_rows == 7 and model.text_rows == 14
     assert model.video_calls == 3  # ceil(7 / 3) batched reads
@@ -126,8 +127,8 @@ def test_embed_once_equals_per_pair_recompute(tmp_path: Path) -> None:
     # The upstream protocol reran the head for each (text batch, video batch) pair; same numbers.
     cache = make_cache(tmp_path, n_test=6, n_train=0)
     model = CountingModel()
-    video_emb, text_emb, _ = ev.embed_split(model, cache, "test", batch_size=4)
-    sim = ev.similarity_chunked(text_emb, video_emb, chunk=5)
+    video_emb, text_emb, _ = embed.embed_split(model, cache, "test", batch_size=4)
+    sim = embed.similarity_chunked(text_emb, video_emb, chunk=5)
     tokens_np, mask_np = cache.read_videos(np.arange(6))
     tokens, mask = torch.from_numpy(tokens_np.astype(np.float32)), torch.from_numpy(mask_np)
     texts = torch.from_numpy(cache.read_text_embeddings().astype(np.float32))
@@ -144,16 +145,16 @@ def test_embed_once_equals_per_pair_recompute(tmp_path: Path) -> None:
 def test_similarity_chunked_matches_matmul(chunk: int) -> None:
     g = torch.Generator().manual_seed(1)
     t, v = torch.randn(10, 4, generator=g), torch.randn(7, 4, generator=g)
-    torch.testing.assert_close(ev.similarity_chunked(t, v, chunk), t @ v.T)
+    torch.testing.assert_close(embed.similarity_chunked(t, v, chunk), t @ v.T)
     with pytest.raises(ValueError, match="equal D"):
-        ev.similarity_chunked(t, torch.randn(7, 5), chunk)
+        embed.similarity_chunked(t, torch.randn(7, 5), chunk)
 
 
 def test_failed_video_left_out_with_its_captions(tmp_path: Path) -> None:
     done = np.ones(7, np.uint8)
     done[4] = 2  # third test video failed extraction
     cache = make_cache(tmp_path, n_test=5, n_train=2, done=done)
-    members = ev.split_members(cache, "test")
+    members = embed.split_members(cache, "test")
     np.testing.assert_array_equal(members.video_idx, [2, 3, 5, 6])
     assert members.failed_videos == 1 and members.dropped_texts == 2
     np.testing.assert_array_equal(members.caption_to_video, [0, 0, 1, 1, 2, 2, 3, 3])
@@ -163,14 +164,14 @@ def test_failed_video_left_out_with_its_captions(tmp_path: Path) -> None:
 def test_clear_errors(tmp_path: Path) -> None:
     cache = make_cache(tmp_path)
     with pytest.raises(ValueError, match=r"split 'val' has no videos.*splits in this cache: test, train"):
-        ev.split_members(cache, "val")
+        embed.split_members(cache, "val")
     done = np.ones(10, np.uint8)
     done[5] = 0
     pending = make_cache(tmp_path / "p", done=done)
     with pytest.raises(ValueError, match="not extracted yet"):
-        ev.split_members(pending, "test")
+        embed.split_members(pending, "test")
     with pytest.raises(ValueError, match="unknown split"):
-        ev.split_members(cache, "dev")
+        embed.split_members(cache, "dev")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.evaluate_zero_shot(tmp_path / "missing.zarr")
 
@@ -188,8 +189,8 @@ def test_zero_shot_writes_eval_files(tmp_path: Path) -> None:
     md = (out / "eval.md").read_text()
     assert "Without post-processing" in md and "Post-processed: dual softmax" in md
     # Same numbers through the generic metric on a brute-force similarity.
-    model = ev.ZeroShotMeanP()
-    v, t, c2v = ev.embed_split(model, cache, "test")
+    model = embed.ZeroShotMeanP()
+    v, t, c2v = embed.embed_split(model, cache, "test")
     assert retrieval_metrics(t @ v.T, c2v) == result["metrics"]
 
 
@@ -199,8 +200,8 @@ def test_eval_json_keeps_per_query_ranks_and_rsum(tmp_path: Path) -> None:
     # A text side that differs from the video side: imperfect ranks, so the ranks carry information.
     w_text = model.w + 1.5 * torch.randn(D, D, generator=torch.Generator().manual_seed(1))
     model.embed_texts = lambda e: torch.nn.functional.normalize(e.float() @ w_text, dim=-1)
-    result = ev._evaluate(model, cache, "test", False, "cpu", 4, 5)
-    v, t, c2v = ev.embed_split(model, cache, "test")
+    result = score.evaluate_cached(model, cache, "test", False, "cpu", 4, 5)
+    v, t, c2v = embed.embed_split(model, cache, "test")
     sim = (t @ v.T).numpy()
     # Brute force, straight from the definitions (not the metrics module).
     t2v = [1 + int((np.delete(sim[m], c2v[m]) >= sim[m, c2v[m]]).sum()) for m in range(len(c2v))]
@@ -219,7 +220,7 @@ def test_eval_json_keeps_per_query_ranks_and_rsum(tmp_path: Path) -> None:
     m = result["metrics"]
     assert result["rsum"] == pytest.approx(sum(m[d][k] for d in ("t2v", "v2t") for k in ("R1", "R5", "R10")))
     assert m["v2t"]["R1"] == pytest.approx(100 * np.mean(np.array(v2t) <= 1))
-    md = ev.eval_markdown({**result, "head": "h", "run_dir": None, "weights": "w"})
+    md = tables.eval_markdown({**result, "head": "h", "run_dir": None, "weights": "w"})
     assert f"**{result['rsum']:.1f}**" in md and "best (smallest) rank among its own captions" in md
     assert "text -> video" in md and "video -> text" in md and "per_query" in md
 
@@ -260,7 +261,7 @@ def test_print_eval_renders(tmp_path: Path) -> None:
         "post_processing": "dual softmax (DSL), temperature 0.01",
     }
     console = Console(record=True, width=120)
-    ev.print_eval(result, console)
+    tables.print_eval(result, console)
     text = console.export_text()
     assert "text -> video" in text and "post-processed" in text and "5.5" in text and "failed" in text
     assert "RSum 12.0" in text and "best (smallest) rank among its own captions" in text
@@ -442,7 +443,7 @@ def test_end_to_end_run_decodes_with_its_own_clip(tmp_path: Path, synthetic_root
     }
     (run / "config.json").write_text(json.dumps(config))
 
-    loaded = ev.load_end_to_end_encoder(run, config)
+    loaded = end_to_end.load_end_to_end_encoder(run, config)
     assert torch.equal(loaded.model.visual.proj, enc.model.visual.proj)
     result = ev.evaluate_run(run)
     assert result["cache"] is None and "end-to-end" in result["source"]
@@ -462,7 +463,7 @@ def test_end_to_end_run_decodes_with_its_own_clip(tmp_path: Path, synthetic_root
     c2v = np.array([test.index(c.video_index) for c in caps])
     assert result["counts"]["videos"] == len(test) and result["counts"]["texts"] == len(caps)
     model = RetrievalModel(cfg).eval()
-    v_emb, t_emb, got_c2v, failures = ev.embed_split_end_to_end(model, loaded, index, "test", frames, words)
+    v_emb, t_emb, got_c2v, failures = end_to_end.embed_split_end_to_end(model, loaded, index, "test", frames, words)
     torch.testing.assert_close(v_emb, torch.stack(vids), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(t_emb, txt, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got_c2v, c2v)

@@ -15,6 +15,7 @@ from test_evaluate import _real_meanp_run
 
 import muse_pipeline.models.checkpoint as checkpoint
 from muse_pipeline.errors import InputError, UserError
+from muse_pipeline.evaluation.embed import embed_videos
 from muse_pipeline.search.cache_columns import clip_windows
 from muse_pipeline.search.index_format import (
     IndexFormatError,
@@ -24,7 +25,6 @@ from muse_pipeline.search.index_format import (
     write_string_column,
 )
 from muse_pipeline.search.query import Searcher
-from muse_pipeline.stages.evaluate import embed_videos
 from muse_pipeline.stages.search import build_index
 
 

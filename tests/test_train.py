@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import store_videos
 from torch import nn
 
 from muse_pipeline.atomic import atomic_write_json
@@ -301,11 +302,9 @@ def _filled_cache(path: Path, fingerprint: dict, n_videos: int = 12, pending: in
     rng = np.random.default_rng(0)
     cache = FeatureCache.create(path, index, frames=3, num_tokens=5, dim=8, words=8, fingerprint=fingerprint,
                                 videos_per_shard=4, text_tokens=np.ones((len(caps), 8), np.int32))
-    for i in range(n_videos - pending):
-        cache.write_video(i, rng.standard_normal((1 + i % 3, 5, 8)).astype(np.float16))
+    store_videos(cache, {i: rng.standard_normal((1 + i % 3, 5, 8)).astype(np.float16)
+                         for i in range(n_videos - pending)})
     cache.write_texts(0, embeddings=rng.standard_normal((len(caps), 8)).astype(np.float16))
-    cache.flush()
-    cache.close()
     return path
 
 
@@ -458,11 +457,8 @@ def _seqtransf_cache(tmp_path: Path) -> tuple[Path, Path]:
                                 dim=64, words=8, fingerprint=fp, videos_per_shard=4,
                                 text_tokens=np.ones((len(caps), 8), np.int32))
     rng = np.random.default_rng(0)
-    for i in range(len(videos)):
-        cache.write_video(i, rng.standard_normal((1 + i % 3, 50, 64)).astype(np.float16))
+    store_videos(cache, {i: rng.standard_normal((1 + i % 3, 50, 64)).astype(np.float16) for i in range(len(videos))})
     cache.write_texts(0, embeddings=rng.standard_normal((len(caps), 64)).astype(np.float16))
-    cache.flush()
-    cache.close()
     return path, weights
 
 
@@ -588,3 +584,12 @@ def test_end_to_end_run_trains_clip_and_evaluates(synthetic_root, tmp_path):
     assert moved, "CLIP weights did not change in end-to-end training"
     result = evaluate_run(run)
     assert result["counts"]["videos"] > 0 and 0.0 <= result["metrics"]["t2v"]["R1"] <= 100.0
+
+
+def test_train_request_takes_run_train_keywords_and_collects_train_fields():
+    from muse_pipeline.training.request import TrainRequest
+
+    req = TrainRequest.from_kwargs(from_cache="c.zarr", head="muse", quiet=True, epochs=3, lr=None, frames=8)
+    assert (req.from_cache, req.head, req.quiet) == ("c.zarr", "muse", True)
+    assert dict(req.train_overrides) == {"epochs": 3, "lr": None, "frames": 8}
+    assert req.replace(describe_only=True).describe_only and not req.describe_only  # frozen: replace copies

@@ -1,14 +1,4 @@
-"""The feature cache: one Zarr v3 store per (dataset, model, frames), layout in docs/ARCHITECTURE.md.
-
-```
-/                    attrs: format="muse-cache", format_version=1, fingerprint={...}, failures=[{id, reason}]
-/videos/tokens       [N, T, L, D] float16   chunk (1,T,L,D), shard (S,T,L,D), raw (or blosc zstd)
-/videos/mask         [N, T] uint8           1 = real frame; chunk = shard = (S, T)
-/videos/done         [N] uint8              0 pending, 1 cached, 2 failed; chunk = shard = (S,)
-/videos/ids, /videos/split, /videos/paths   [N] str
-/texts/tokens [M, W] int32, /texts/embeddings [M, D] float16, /texts/video_index [M] int32,
-/texts/split [M] str, /texts/captions [M] str, /texts/done [M] uint8
-```
+"""FeatureCache: open, read and write the Zarr v3 feature cache (layout: `schema.py`, docs/ARCHITECTURE.md).
 
 Writers. Shard k of videos (rows `shard_range(k)`) lives in exactly one file per array
 (`videos/tokens/c/k/0/0/0`, `videos/mask/c/k/0`, `videos/done/c/k`), and each write to a shard is a
@@ -16,100 +6,54 @@ read-modify-write of those files. So:
 
 - ALL writes to one shard must come from ONE process (the extractor gives each task whole shards);
   two writers in a shard lose each other's rows. Different shards can be written concurrently.
-- Root attributes (`failures`) and the text arrays are written by the client process only.
+- Root attributes (the ledger, `ledger.py`) and the text arrays are written by the client process only.
 - Zarr rewrites the whole shard file for any partial write, so writing a shard video by video costs
-  O(S^2) bytes. `write_video` therefore buffers rows in memory and writes a shard in one go when every
-  video of the shard has a status (or on `flush()` / `close()` / leaving a `with` block): resume
-  granularity is one shard (<= ~256 MB of tokens). `write_shard_videos` writes a contiguous range now.
+  O(S^2) bytes: `write_shard_videos` writes a contiguous range of one shard at once (extraction writes
+  whole shards; resume granularity is one shard).
 - Within a shard write, tokens and mask are written before `done`, so a crash never leaves a video
   marked done without its tokens.
+
+Reads of video tokens go through `shard_reader.py` (raw shard files where the layout allows, zarr
+slices otherwise).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
+from muse_pipeline.cache import ledger
+from muse_pipeline.cache.compat import FingerprintMismatch, fingerprint_paths_differing, normalise
+from muse_pipeline.cache.schema import (
+    CACHED,
+    FAILED,
+    FORMAT,
+    FORMAT_VERSION,
+    PENDING,
+    ROW_CHUNK,
+    TOKEN_CODECS,
+    TOKEN_COMPRESSION,
+    StoreLayout,
+    check_positive,
+    create_store,
+    default_videos_per_shard,
+    is_cache_dir,
+    remove_cache,
+)
+from muse_pipeline.cache.shard_reader import ShardFileReader, read_rows_sliced, runs, runs_cover
 from muse_pipeline.data.base import SPLITS, DatasetIndex
-from muse_pipeline.errors import UserError
 
-FORMAT = "muse-cache"
-FORMAT_VERSION = 1
-# Target uncompressed size of one shard of /videos/tokens.
-SHARD_BYTES = 256 * 1024 * 1024
-# Rows per chunk of the text and string arrays: small enough to read a slice cheaply.
-ROW_CHUNK = 65536
-# Codec of /videos/tokens in new caches: None (raw float16) or "zstd" (blosc zstd-1 + byte shuffle).
-# zstd saves ~8% on CLIP float16 tokens but costs ~4x in batch-read speed (BENCHMARKS.md, "Cache
-# I/O"), and reads are what the trainer waits on. Either is read by any zarr v3 client.
-TOKEN_COMPRESSION: str | None = None
-TOKEN_CODECS = (None, "zstd")
-
-PENDING, CACHED, FAILED = 0, 1, 2
-
-
-class FingerprintMismatch(UserError, ValueError):
-    """An existing cache was built with different settings; `keys` lists what differs."""
-
-    def __init__(self, path: Path | str, keys: Sequence[str]) -> None:
-        self.path = Path(path)
-        self.keys = list(keys)
-        super().__init__(
-            f"{path}: the existing cache was built with a different configuration "
-            f"(differs in: {', '.join(self.keys)}); pass --overwrite to delete it and extract again"
-        )
-
-
-def default_videos_per_shard(n_videos: int, frames: int, num_tokens: int, dim: int) -> int:
-    """Largest S with S * T * L * D * 2 bytes <= SHARD_BYTES, clipped to [1, N]."""
-    per_video = frames * num_tokens * dim * 2
-    return max(1, min(n_videos, SHARD_BYTES // per_video))
-
-
-def _normalise(value: Any) -> Any:
-    """JSON round trip: what comparing against stored attributes needs (tuples -> lists, ...)."""
-    return json.loads(json.dumps(value, sort_keys=True))
-
-
-def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            name = f"{prefix}{key}"
-            if key not in old or key not in new:
-                keys.append(name)
-            else:
-                keys.extend(_diff_keys(old[key], new[key], f"{name}."))
-        return keys
-    return [] if old == new else [prefix.rstrip(".") or "fingerprint"]
-
-
-def _is_cache_dir(path: Path) -> bool:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return False
-    try:
-        return json.loads(meta.read_text()).get("attributes", {}).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
-
-
-def _as_str_array(values: Iterable[str]) -> np.ndarray:
-    return np.array([str(v) for v in values], dtype=object)
-
-
-def _runs_cover(indices: np.ndarray) -> bool:
-    """True when sorted unique `indices` form one contiguous range."""
-    return indices.size == 0 or int(indices[-1]) - int(indices[0]) + 1 == indices.size
+# Re-exported: importers take these from the store (extract's text chunk, the HDF5 export, tests).
+__all__ = [
+    "CACHED", "FAILED", "FORMAT", "FORMAT_VERSION", "PENDING", "ROW_CHUNK", "TOKEN_CODECS", "TOKEN_COMPRESSION",
+    "FeatureCache", "FingerprintMismatch", "default_videos_per_shard",
+]
 
 
 class FeatureCache:
@@ -121,7 +65,7 @@ class FeatureCache:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"no feature cache at {self.path}")
-        if not _is_cache_dir(self.path):
+        if not is_cache_dir(self.path):
             raise ValueError(f"{self.path} is not a muse feature cache (no zarr.json with format={FORMAT!r})")
         self.mode = mode
         self._root = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
@@ -138,12 +82,9 @@ class FeatureCache:
         self.n_videos, self.frames, self.num_tokens, self.dim = int(n), int(frames), int(num_tokens), int(dim)
         self.n_texts, self.words = (int(x) for x in self._t_tokens.shape)
         self.videos_per_shard = int(self._done.chunks[0])
-        # Rows given to write_video but not yet written: shard -> {video: (tokens | None, n_frames, status)}
-        self._buffer: dict[int, dict[int, tuple[np.ndarray | None, int, int]]] = {}
         self._meta: dict[str, list[Any]] = {}
-        self._done_cache: dict[int, np.ndarray] = {}
         self._mask_all: np.ndarray | None = None
-        self._shard_files: _ShardFiles | bool | None = None  # None: not probed yet; False: not usable
+        self._shard_files: ShardFileReader | bool | None = None  # None: not probed yet; False: not usable
 
     # ------------------------------------------------------------------------------- creation
     @classmethod
@@ -173,13 +114,10 @@ class FeatureCache:
         n, m = len(index.videos), len(index.captions)
         if n == 0:
             raise ValueError(f"dataset {index.name!r} has no videos to cache")
-        for name, value in (("frames", frames), ("num_tokens", num_tokens), ("dim", dim), ("words", words)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_positive(frames=frames, num_tokens=num_tokens, dim=dim, words=words)
         if videos_per_shard is None:
             videos_per_shard = default_videos_per_shard(n, frames, num_tokens, dim)
-        if videos_per_shard < 1:
-            raise ValueError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
+        check_positive(videos_per_shard=videos_per_shard)
         videos_per_shard = min(videos_per_shard, n)
         if compression not in TOKEN_CODECS:
             raise ValueError(f"compression must be one of {TOKEN_CODECS}, got {compression!r}")
@@ -188,96 +126,21 @@ class FeatureCache:
             if text_tokens.shape != (m, words):
                 raise ValueError(f"text_tokens must be [{m}, {words}], got {text_tokens.shape}")
         try:
-            fp = _normalise(dict(fingerprint))
+            fp = normalise(dict(fingerprint))
         except TypeError as e:
             raise TypeError(f"fingerprint must be JSON-serialisable: {e}") from None
 
         if path.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass --overwrite to delete it and extract again")
-            _remove_cache(path)
+            remove_cache(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
 
-        root = zarr.open_group(
-            str(tmp),
-            mode="w-",
-            zarr_format=3,
-            attributes={
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "fingerprint": fp,
-                "failures": [],
-            },
-        )
-        s = videos_per_shard
-        videos = root.create_group("videos")
-        videos.create_array(
-            "tokens",
-            shape=(n, frames, num_tokens, dim),
-            dtype="float16",
-            chunks=(1, frames, num_tokens, dim),
-            shards=(s, frames, num_tokens, dim),
-            compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle") if compression else None,
-            fill_value=0,
-            dimension_names=("video", "frame", "token", "channel"),
-        )
-        videos.create_array(
-            "mask",
-            shape=(n, frames),
-            dtype="uint8",
-            chunks=(s, frames),
-            fill_value=0,
-            dimension_names=("video", "frame"),
-        )
-        videos.create_array(
-            "done", shape=(n,), dtype="uint8", chunks=(s,), fill_value=PENDING, dimension_names=("video",)
-        )
-        row_chunk = (max(1, min(n, ROW_CHUNK)),)
-        for name, values in (
-            ("ids", [v.id for v in index.videos]),
-            ("split", [v.split for v in index.videos]),
-            ("paths", [str(v.path) for v in index.videos]),
-        ):
-            arr = videos.create_array(
-                name, shape=(n,), dtype=str, chunks=row_chunk, dimension_names=("video",)
-            )
-            arr[:] = _as_str_array(values)
-
-        texts = root.create_group("texts")
-        mc = max(1, min(m, ROW_CHUNK))
-        tok = texts.create_array(
-            "tokens",
-            shape=(m, words),
-            dtype="int32",
-            chunks=(mc, words),
-            fill_value=0,
-            dimension_names=("text", "word"),
-        )
-        texts.create_array(
-            "embeddings",
-            shape=(m, dim),
-            dtype="float16",
-            chunks=(mc, dim),
-            fill_value=0,
-            dimension_names=("text", "channel"),
-        )
-        vi = texts.create_array(
-            "video_index", shape=(m,), dtype="int32", chunks=(mc,), dimension_names=("text",)
-        )
-        sp = texts.create_array("split", shape=(m,), dtype=str, chunks=(mc,), dimension_names=("text",))
-        cap = texts.create_array("captions", shape=(m,), dtype=str, chunks=(mc,), dimension_names=("text",))
-        texts.create_array(
-            "done", shape=(m,), dtype="uint8", chunks=(mc,), fill_value=0, dimension_names=("text",)
-        )
-        if m:
-            vi[:] = np.array([c.video_index for c in index.captions], dtype=np.int32)
-            sp[:] = _as_str_array(c.split for c in index.captions)
-            cap[:] = _as_str_array(c.text for c in index.captions)
-            if text_tokens is not None:
-                tok[:] = text_tokens.astype(np.int32)
+        create_store(tmp, index, StoreLayout(frames, num_tokens, dim, words, videos_per_shard, compression, fp,
+                                             text_tokens))
         os.replace(tmp, path)
         return cls(path, mode="r+")
 
@@ -287,58 +150,32 @@ class FeatureCache:
 
     @classmethod
     def open_or_create(
-        cls,
-        path: Path | str,
-        index: DatasetIndex,
-        *,
-        frames: int,
-        num_tokens: int,
-        dim: int,
-        words: int,
-        fingerprint: Mapping[str, Any],
-        videos_per_shard: int | None = None,
-        overwrite: bool = False,
-        text_tokens: np.ndarray | None = None,
-        compression: str | None = TOKEN_COMPRESSION,
+        cls, path: Path | str, index: DatasetIndex, *, overwrite: bool = False, **layout: Any
     ) -> FeatureCache:
         """Reopen the cache at `path` for writing (resume) if it was built with the same fingerprint
-        and layout, else create it. A different existing cache raises `FingerprintMismatch` unless
-        `overwrite`, which deletes it and starts again."""
+        and layout, else `create(path, index, overwrite=overwrite, **layout)` (`layout`: create's
+        keywords frames, num_tokens, dim, words, fingerprint, videos_per_shard, text_tokens,
+        compression). A different existing cache raises `FingerprintMismatch` unless `overwrite`,
+        which deletes it and starts again."""
         path = Path(path)
         if path.exists() and not overwrite:
-            if not _is_cache_dir(path):
+            if not is_cache_dir(path):
                 raise FileExistsError(f"{path} exists and is not a muse feature cache; choose another path")
             cache = cls(path, mode="r+")
-            differing = _diff_keys(cache.fingerprint, _normalise(dict(fingerprint)), "fingerprint.")
-            expected = {
-                "n_videos": len(index.videos),
-                "n_texts": len(index.captions),
-                "frames": frames,
-                "num_tokens": num_tokens,
-                "dim": dim,
-                "words": words,
-            }
-            if videos_per_shard is not None:
-                expected["videos_per_shard"] = min(videos_per_shard, len(index.videos))
+            differing = fingerprint_paths_differing(
+                cache.fingerprint, normalise(dict(layout["fingerprint"])), "fingerprint."
+            )
+            expected = {"n_videos": len(index.videos), "n_texts": len(index.captions),
+                        **{k: layout[k] for k in ("frames", "num_tokens", "dim", "words")}}
+            if layout.get("videos_per_shard") is not None:
+                expected["videos_per_shard"] = min(layout["videos_per_shard"], len(index.videos))
             differing += [f"layout.{k}" for k, want in expected.items() if getattr(cache, k) != want]
             if not differing and cache.video_ids != [v.id for v in index.videos]:
                 differing.append("videos.ids")
             if differing:
                 raise FingerprintMismatch(path, differing)
             return cache
-        return cls.create(
-            path,
-            index,
-            frames=frames,
-            num_tokens=num_tokens,
-            dim=dim,
-            words=words,
-            fingerprint=fingerprint,
-            videos_per_shard=videos_per_shard,
-            overwrite=overwrite,
-            text_tokens=text_tokens,
-            compression=compression,
-        )
+        return cls.create(path, index, overwrite=overwrite, **layout)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -361,7 +198,8 @@ class FeatureCache:
 
     @property
     def failures(self) -> list[dict[str, str]]:
-        return [dict(f) for f in self._root.attrs.get("failures", [])]
+        """{id, reason, ...} of each video whose latest extraction failed (ledger.py)."""
+        return ledger.failures(self._root.attrs)
 
     def _strings(self, group: str, name: str) -> list[Any]:
         key = f"{group}/{name}"
@@ -394,6 +232,23 @@ class FeatureCache:
         """int32 [M]: the video row of each text."""
         return self._texts["video_index"][:]
 
+    @property
+    def has_windows(self) -> bool:
+        """True for stores that record each clip's window (/videos/start, /videos/end)."""
+        return "start" in self._videos and "end" in self._videos
+
+    def read_windows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float64 [len(rows), 2]: (start, end) seconds of each video's clip; NaN where the clip is the whole
+        video, and (NaN, NaN) for every row of a store made before /videos/start and /videos/end existed."""
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_videos):
+            raise IndexError(f"video indices out of range [0, {self.n_videos})")
+        if not self.has_windows:
+            return np.full((idx.size, 2), np.nan)
+        start = np.asarray(self._videos["start"][:], dtype=np.float64)
+        end = np.asarray(self._videos["end"][:], dtype=np.float64)
+        return np.stack([start[idx], end[idx]], axis=1)
+
     def __repr__(self) -> str:
         return (
             f"FeatureCache({str(self.path)!r}, mode={self.mode!r}, videos={self.n_videos}, texts={self.n_texts}, "
@@ -405,88 +260,10 @@ class FeatureCache:
         if self.mode != "r+":
             raise PermissionError(f"{self.path} is open read-only; open it with mode='r+' to write")
 
-    def write_video(self, i: int, tokens: np.ndarray | None, status: int = CACHED) -> None:
-        """Record video `i`: `tokens` float16-castable [n, L, D] (n real frames, 1 <= n <= T) with
-        status CACHED (1), or None with status FAILED (2). Padded with zeros to T; mask = 1 for the
-        n real frames. Buffered until the shard is complete or `flush()` (see module docstring)."""
-        self._require_writable()
-        i = int(i)
-        if not 0 <= i < self.n_videos:
-            raise IndexError(f"video {i} out of range [0, {self.n_videos})")
-        if status == CACHED:
-            if tokens is None:
-                raise ValueError(f"video {i}: status CACHED needs tokens [n, {self.num_tokens}, {self.dim}]")
-            with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
-                arr = np.asarray(tokens, dtype=np.float16)
-            if (
-                arr.ndim != 3
-                or arr.shape[1:] != (self.num_tokens, self.dim)
-                or not 1 <= arr.shape[0] <= self.frames
-            ):
-                raise ValueError(
-                    f"video {i}: tokens must be [n, {self.num_tokens}, {self.dim}] with 1 <= n <= {self.frames}, "
-                    f"got {arr.shape}"
-                )
-            if not np.isfinite(arr).all():
-                raise ValueError(f"video {i}: tokens contain inf/nan after the cast to float16")
-            entry: tuple[np.ndarray | None, int, int] = (arr, arr.shape[0], CACHED)
-        elif status == FAILED:
-            if tokens is not None:
-                raise ValueError(f"video {i}: a FAILED video has no tokens (pass None)")
-            entry = (None, 0, FAILED)
-        else:
-            raise ValueError(f"video {i}: status must be CACHED (1) or FAILED (2), got {status!r}")
-        k = self.shard_of(i)
-        self._buffer.setdefault(k, {})[i] = entry
-        lo, hi = self.shard_range(k)
-        buffered = self._buffer[k]
-        if len(buffered) == hi - lo or self._shard_complete(k):
-            self._flush_shard(k)
-
-    def _shard_complete(self, k: int) -> bool:
-        lo, _ = self.shard_range(k)
-        done = self._stored_done(k).copy()
-        for i in self._buffer.get(k, ()):
-            done[i - lo] = CACHED
-        return bool((done != PENDING).all())
-
-    def _stored_done(self, k: int) -> np.ndarray:
-        # This process is the only writer of shard k, so the stored flags change only through it.
-        if k not in self._done_cache:
-            lo, hi = self.shard_range(k)
-            self._done_cache[k] = self._done[lo:hi]
-        return self._done_cache[k]
-
-    def _flush_shard(self, k: int) -> None:
-        rows = self._buffer.pop(k, None)
-        if not rows:
-            return
-        idx = np.array(sorted(rows), dtype=np.int64)
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
-        b = hi - lo
-        if _runs_cover(idx):
-            tokens = np.zeros((b, self.frames, self.num_tokens, self.dim), dtype=np.float16)
-            mask = np.zeros((b, self.frames), dtype=np.uint8)
-            done = np.zeros((b,), dtype=np.uint8)
-        else:
-            # Rows between buffered ones keep what is stored: one shard rewrite instead of one per run.
-            tokens = self._tokens[lo:hi]
-            mask = self._mask[lo:hi]
-            done = self._done[lo:hi]
-        for i, (arr, n, status) in rows.items():
-            r = i - lo
-            tokens[r] = 0
-            mask[r] = 0
-            if arr is not None:
-                tokens[r, :n] = arr
-                mask[r, :n] = 1
-            done[r] = status
-        self.write_shard_videos(lo, tokens, mask, done)
-
     def write_shard_videos(self, lo: int, tokens: np.ndarray, mask: np.ndarray, done: np.ndarray) -> None:
         """Write videos [lo, lo + b) now: tokens f16 [b, T, L, D], mask uint8 [b, T], done uint8 [b].
 
-        The range must lie within one shard. Supersedes anything buffered for those rows."""
+        The range must lie within one shard."""
         self._require_writable()
         tokens = np.asarray(tokens, dtype=np.float16)
         mask, done = np.asarray(mask, dtype=np.uint8), np.asarray(done, dtype=np.uint8)
@@ -509,33 +286,9 @@ class FeatureCache:
             )
         if done.max(initial=0) > FAILED:
             raise ValueError("done values must be 0 (pending), 1 (cached) or 2 (failed)")
-        pending = self._buffer.get(self.shard_of(lo))
-        if pending:
-            for i in range(lo, hi):
-                pending.pop(i, None)
         self._tokens[lo:hi] = tokens
         self._mask[lo:hi] = mask
         self._done[lo:hi] = done  # last: a video is done only once its tokens are stored
-        k = self.shard_of(lo)
-        if k in self._done_cache:
-            self._done_cache[k][lo - self.shard_range(k)[0] : hi - self.shard_range(k)[0]] = done
-
-    def flush(self) -> None:
-        """Write every buffered row (each touched shard is rewritten once)."""
-        for k in sorted(self._buffer):
-            self._flush_shard(k)
-
-    def close(self) -> None:
-        if self.mode == "r+":
-            self.flush()
-
-    def __enter__(self) -> FeatureCache:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # ---------------------------------------------------------------------------- text writes
     def write_texts(
@@ -571,49 +324,29 @@ class FeatureCache:
             self._t_done[lo : lo + m] = 1
 
     def add_failures(self, failures: Iterable[Mapping[str, Any]]) -> None:
-        """Append {id, reason, ...} records to the failures ledger (client process only); a newer
-        record for the same id replaces the older one, which moves to `failure_history`. Extra
-        JSON-serialisable keys (e.g. the file's size and mtime) are kept."""
+        """Append {id, reason, ...} records to the failures ledger (client process only; see ledger.py)."""
         self._require_writable()
-        new = [{**_normalise(dict(f)), "id": str(f["id"]), "reason": str(f["reason"])} for f in failures]
-        if not new:
-            return
-        replaced = {f["id"] for f in new}
-        old = self.failures
-        kept = [f for f in old if f["id"] not in replaced]
-        history = self.failure_history + [f for f in old if f["id"] in replaced]
-        self._root.attrs.update({"failures": kept + new, "failure_history": history})
+        ledger.add_failures(self._root.attrs, failures)
 
     @property
     def failure_history(self) -> list[dict[str, Any]]:
         """Earlier failure records of videos that were retried (oldest first)."""
-        return [dict(f) for f in self._root.attrs.get("failure_history", [])]
+        return ledger.failure_history(self._root.attrs)
 
     def retire_failures(self, ids: Iterable[str]) -> None:
         """Move the ledger records of `ids` to `failure_history` (they are being retried)."""
         self._require_writable()
-        ids = {str(i) for i in ids}
-        old = self.failures
-        moved = [f for f in old if f["id"] in ids]
-        if moved:
-            self._root.attrs.update({
-                "failures": [f for f in old if f["id"] not in ids],
-                "failure_history": self.failure_history + moved,
-            })
+        ledger.retire_failures(self._root.attrs, ids)
 
     @property
     def warnings(self) -> list[dict[str, Any]]:
         """{id, warning} records of cached videos the decoder had to patch up (see decode.py)."""
-        return [dict(w) for w in self._root.attrs.get("warnings", [])]
+        return ledger.warnings(self._root.attrs)
 
     def add_warnings(self, warnings: Iterable[Mapping[str, Any]]) -> None:
         """Record {id, warning} entries (client process only); a newer entry for an id replaces it."""
         self._require_writable()
-        new = [{"id": str(w["id"]), "warning": str(w["warning"])} for w in warnings]
-        if not new:
-            return
-        replaced = {w["id"] for w in new}
-        self._root.attrs.update({"warnings": [w for w in self.warnings if w["id"] not in replaced] + new})
+        ledger.add_warnings(self._root.attrs, warnings)
 
     def mark_pending(self, indices: Sequence[int] | np.ndarray) -> None:
         """Set videos back to pending (done = 0, mask = 0) so that the next extraction redoes them.
@@ -624,17 +357,16 @@ class FeatureCache:
             return
         self._mask.oindex[idx] = np.zeros((idx.size, self.frames), np.uint8)
         self._done.oindex[idx] = np.zeros(idx.size, np.uint8)
-        self._done_cache.clear()
 
     # ---------------------------------------------------------------------------------- reads
     def read_videos(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> tokens float16 [b, T, L, D], mask uint8 [b, T] in the order of `indices` (repeats ok).
 
         Each stored video is read once: whole inner chunks straight from the shard files where the
-        layout allows (`_ShardFiles`), else one basic zarr slice per contiguous run of rows. Never
+        layout allows (`shard_reader.ShardFileReader`), else one basic zarr slice per contiguous run of rows. Never
         orthogonal indexing: over a sharded array zarr-python builds a per-element coordinate
         selection inside each shard (zarr-python issue #3829), ~35x slower with GBs of temporaries.
-        Reads what is stored (rows still buffered by this writer are not visible)."""
+        Reads what is stored."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_videos):
             raise IndexError(f"video indices out of range [0, {self.n_videos})")
@@ -663,12 +395,11 @@ class FeatureCache:
         if mask is not None:
             mask[...] = self._stored_mask(rows)
         if self._shard_files is None:
-            self._shard_files = _ShardFiles.open(self.path / "videos" / "tokens", self._tokens) or False
+            self._shard_files = ShardFileReader.open(self.path / "videos" / "tokens") or False
         if self._shard_files:
             self._shard_files.read_into(rows, tokens, self.videos_per_shard)
-            return
-        for lo, hi, at in _runs(rows):  # any other layout: one basic slice per run of rows
-            tokens[at : at + hi - lo] = self._tokens[lo:hi]
+        else:
+            read_rows_sliced(self._tokens, rows, tokens)
 
     def _stored_mask(self, rows: np.ndarray) -> np.ndarray:
         # The whole mask is small (N x T bytes): a reader loads it once; a writer reads the runs.
@@ -676,7 +407,7 @@ class FeatureCache:
             if self._mask_all is None:
                 self._mask_all = self._mask[:]
             return self._mask_all[rows]
-        return np.concatenate([self._mask[lo:hi] for lo, hi, _ in _runs(rows)])
+        return np.concatenate([self._mask[lo:hi] for lo, hi, _ in runs(rows)])
 
     def read_done(self) -> np.ndarray:
         """uint8 [N]: 0 pending, 1 cached, 2 failed (as stored)."""
@@ -707,7 +438,7 @@ class FeatureCache:
         if idx.size == 0:
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        rows = arr[int(uniq[0]) : int(uniq[-1]) + 1] if _runs_cover(uniq) else arr.oindex[uniq]
+        rows = arr[int(uniq[0]) : int(uniq[-1]) + 1] if runs_cover(uniq) else arr.oindex[uniq]
         return rows if np.array_equal(uniq, idx) else rows[inverse]
 
     def split_indices(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -719,10 +450,8 @@ class FeatureCache:
         return videos, texts
 
     def pending_videos(self) -> np.ndarray:
-        """Sorted int64 rows still to extract: stored done == 0 and not buffered by this writer."""
-        pending = np.flatnonzero(self._done[:] == PENDING).astype(np.int64)
-        buffered = [i for rows in self._buffer.values() for i in rows]
-        return np.setdiff1d(pending, np.array(buffered, dtype=np.int64)) if buffered else pending
+        """Sorted int64 rows still to extract: stored done == 0."""
+        return np.flatnonzero(self._done[:] == PENDING).astype(np.int64)
 
     def progress(self) -> dict[str, int]:
         """Stored counts: videos total / cached / failed / pending, texts total / done."""
@@ -735,136 +464,3 @@ class FeatureCache:
             "texts": self.n_texts,
             "texts_done": int(self._t_done[:].sum()) if self.n_texts else 0,
         }
-
-
-def _remove_cache(path: Path) -> None:
-    """Delete an existing cache; refuse to delete anything that is not one (or an empty dir)."""
-    if path.is_dir() and (_is_cache_dir(path) or not any(path.iterdir())):
-        shutil.rmtree(path)
-    else:
-        raise FileExistsError(f"{path} exists and is not a muse feature cache; refusing to delete it")
-
-
-def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
-    """Sorted unique rows -> [(lo, hi, position of lo in rows)] for each contiguous run."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [rows.size]])
-    return [(int(rows[a]), int(rows[e - 1]) + 1, int(a)) for a, e in zip(starts, ends, strict=True)]
-
-
-_EMPTY = 2**64 - 1  # offset and length of an inner chunk that was never written (reads as fill value 0)
-
-
-class _ShardFiles:
-    """Reads whole inner chunks of /videos/tokens straight from the shard files of a local store.
-
-    The layout is zarr v3's `sharding_indexed` codec as FeatureCache.create writes it: one file per
-    shard at `c/<k>/0/0/0`, inner chunks of one video ([1, T, L, D]) encoded with `bytes` (little
-    endian) and optionally `blosc`; at the end of the file the index, [S, 1, 1, 1, 2] little-endian
-    uint64 (offset, nbytes) per inner chunk ((2^64-1, 2^64-1) = not written), then its crc32c. Each
-    video is one pread into the destination (uncompressed) or one pread plus a blosc decode into it:
-    no per-call zarr machinery, which costs ~2 ms per call. `open` returns None for any other layout
-    or store (then the caller uses zarr slices); tests compare the two bit for bit."""
-
-    def __init__(self, root: Path, chunk_bytes: int, blosc: bool) -> None:
-        self.root = root
-        self.chunk_bytes = chunk_bytes
-        self.blosc = blosc
-        self.checksum = True
-        self._index: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
-
-    @classmethod
-    def open(cls, root: Path, array: Any) -> _ShardFiles | None:
-        try:
-            meta = json.loads((root / "zarr.json").read_text())
-        except (OSError, ValueError):
-            return None
-        codecs = meta.get("codecs", [])
-        key = meta.get("chunk_key_encoding", {})
-        if (
-            len(codecs) != 1
-            or codecs[0].get("name") != "sharding_indexed"
-            or meta.get("data_type") != "float16"
-            or key.get("name") != "default"
-            or key.get("configuration", {}).get("separator", "/") != "/"
-        ):
-            return None
-        conf = codecs[0].get("configuration", {})
-        shape = list(meta["shape"])
-        inner = [c.get("name") for c in conf.get("codecs", [])]
-        index = [c.get("name") for c in conf.get("index_codecs", [])]
-        if (
-            conf.get("index_location", "end") != "end"
-            or list(conf.get("chunk_shape", [])) != [1, *shape[1:]]
-            or inner not in (["bytes"], ["bytes", "blosc"])
-            or conf["codecs"][0].get("configuration", {}).get("endian", "little") != "little"
-            or index not in (["bytes"], ["bytes", "crc32c"])
-            or conf["index_codecs"][0].get("configuration", {}).get("endian", "little") != "little"
-            or not (root / "c").is_dir()
-        ):
-            return None
-        reader = cls(root, int(np.prod(shape[1:])) * 2, inner == ["bytes", "blosc"])
-        reader.checksum = index == ["bytes", "crc32c"]
-        return reader
-
-    def _shard_index(self, k: int, fd: int, per_shard: int) -> np.ndarray:
-        """[S, 2] uint64 (offset, nbytes) of shard k, cached while the file is unchanged."""
-        st = os.fstat(fd)
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._index.get(k)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        size = per_shard * 16 + (4 if self.checksum else 0)
-        raw = os.pread(fd, size, st.st_size - size)
-        if len(raw) != size:
-            raise OSError(f"{self.root}: shard {k} is truncated ({st.st_size} bytes)")
-        if self.checksum:
-            _check_crc32c(raw[:-4], raw[-4:], self.root, k)
-        table = np.frombuffer(raw[: per_shard * 16], dtype="<u8").reshape(per_shard, 2)
-        self._index[k] = (stamp, table)
-        return table
-
-    def read_into(self, rows: np.ndarray, out: np.ndarray, per_shard: int) -> None:
-        flat = out.reshape(out.shape[0], -1).view(np.uint8)  # one byte row per video
-        shards = rows // per_shard
-        for k in np.unique(shards):
-            at = np.flatnonzero(shards == k)
-            path = self.root / "c" / str(int(k)) / "0" / "0" / "0"
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # shard never written: fill value
-                out[at] = 0
-                continue
-            try:
-                table = self._shard_index(int(k), fd, per_shard)
-                for j in at:
-                    offset, nbytes = (int(x) for x in table[int(rows[j]) - int(k) * per_shard])
-                    dest = flat[j]
-                    if offset == _EMPTY:
-                        dest[:] = 0
-                    elif self.blosc:
-                        _blosc_into(os.pread(fd, nbytes, offset), dest, self.chunk_bytes)
-                    else:
-                        if nbytes != self.chunk_bytes or os.preadv(fd, [dest], offset) != nbytes:
-                            raise OSError(f"{path}: chunk of video {int(rows[j])} is damaged")
-            finally:
-                os.close(fd)
-
-
-def _blosc_into(src: bytes, dest: np.ndarray, nbytes: int) -> None:
-    from numcodecs import blosc
-
-    # blosc frame header: bytes 4..8 = uncompressed size (little-endian uint32)
-    if dest.nbytes != nbytes or len(src) < 16 or int.from_bytes(src[4:8], "little") != nbytes:
-        raise OSError(f"a compressed chunk of the feature cache does not decode to {nbytes} bytes (damaged)")
-    blosc.decompress(src, dest)
-
-
-def _check_crc32c(data: bytes, stored: bytes, root: Path, k: int) -> None:
-    try:
-        import google_crc32c  # zarr's own dependency for this checksum
-    except ImportError:  # pragma: no cover - zarr installs it
-        return
-    if np.uint32(google_crc32c.value(data)).tobytes() != stored:
-        raise OSError(f"{root}: the index of shard {k} fails its crc32c checksum (damaged file)")

@@ -26,11 +26,11 @@ def kernel_backends(device: torch.device | str) -> dict[str, str]:
     float32 tensors on `device` dispatch to ("device" is "cuda" wherever the CUDA dispatch applies;
     "mixer" is "fused-cpu" where BiMamba runs as `bimamba_cpu`'s single autograd Function, else
     "autograd")."""
-    from muse_pipeline.models import scan
+    from muse_pipeline.models import dispatch, scan
     from muse_pipeline.models.conv import conv_backend
 
     probe = torch.empty(0, device=device)
-    kind = "cuda" if scan._on_kernel_device(probe) else probe.device.type
+    kind = "cuda" if dispatch.on_kernel_device(probe) else probe.device.type
     scan_name = scan.scan_backend(probe)
     mixer = "fused-cpu" if kind == "cpu" and scan_name == "numba" else "autograd"
     return {"scan": scan_name, "conv": conv_backend(probe), "mixer": mixer, "device": kind}

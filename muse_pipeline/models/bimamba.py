@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from muse_pipeline.models import dispatch
 from muse_pipeline.models import scan as scan_module
 from muse_pipeline.models.conv import causal_conv1d, causal_conv1d_torch
 from muse_pipeline.models.scan import selective_scan
@@ -110,7 +111,7 @@ class BiMamba(nn.Module):
 
             return bimamba_inner_cpu(x, pad_mask.bool() if pad_mask is not None else None, self.in_proj.weight,
                                      self.out_proj.weight, self.fwd.params(), self.bwd.params())
-        if torch.is_grad_enabled() and x.device.type == "cpu" and not reference and not scan_module._on_kernel_device(x):
+        if torch.is_grad_enabled() and x.device.type == "cpu" and not reference and not dispatch.on_kernel_device(x):
             # Other CPU cases (MUSE_SCAN=torch, numba missing, half precision) keep only x and recompute
             # the block in the backward: its activations are ~17 [B, d_inner, L] tensors per block.
             return checkpoint(self._mix, x, pad_mask, fns, use_reentrant=False)
@@ -119,7 +120,7 @@ class BiMamba(nn.Module):
     def _fused_cpu(self, x: torch.Tensor) -> bool:
         """Whether `bimamba_cpu` runs this call: CPU tensors where the numba scan is the backend, float32
         or float64 throughout, no CPU autocast (its casts belong to autograd's per-op path)."""
-        if x.device.type != "cpu" or scan_module._on_kernel_device(x) or x.dtype not in (torch.float32, torch.float64):
+        if x.device.type != "cpu" or dispatch.on_kernel_device(x) or x.dtype not in (torch.float32, torch.float64):
             return False
         if torch.is_autocast_enabled("cpu") or scan_module.scan_backend(x) != "numba":
             return False

@@ -7,6 +7,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from muse_pipeline.models import dispatch
+
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
@@ -137,16 +139,9 @@ def causal_conv1d(
 KERNEL_WIDTHS = (2, 3, 4)
 
 
-def _on_kernel_device(x: torch.Tensor) -> bool:
-    """Whether x lives where the CUDA kernel can read it (tests patch this to run the dispatch on CPU)."""
-    return x.is_cuda
-
-
 def conv_backend(x: torch.Tensor, weight: torch.Tensor | None = None) -> str:
     """'causal_conv1d' or 'torch' for x (env MUSE_CONV=torch forces torch)."""
-    from muse_pipeline.models.scan import _env_choice
-
-    if _env_choice("MUSE_CONV") == "torch" or not _on_kernel_device(x) or _kernel() is None:
+    if dispatch.env_choice("MUSE_CONV") == "torch" or not dispatch.on_kernel_device(x) or _kernel() is None:
         return "torch"
     if weight is not None and weight.shape[-1] not in KERNEL_WIDTHS:
         return "torch"

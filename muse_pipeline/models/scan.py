@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from muse_pipeline.models.conv import causal_conv1d  # noqa: F401  (re-exported: ARCHITECTURE.md lists it here)
+from muse_pipeline.models import dispatch
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -43,19 +42,6 @@ _logged: set[str] = set()
 TILE_ELEMENTS = 1 << 19
 TILE_ELEMENTS_CUDA = 1 << 26
 MIN_BLOCK = 64  # time steps per tile that a channel group should leave room for
-
-
-_ENV_CHOICES = {"MUSE_SCAN": ("torch", "numba", "mamba_ssm"), "MUSE_CONV": ("torch", "causal_conv1d")}
-
-
-def _env_choice(var: str) -> str | None:
-    value = os.environ.get(var, "").strip().lower()
-    if value in ("", "auto"):
-        return None
-    allowed = _ENV_CHOICES.get(var, ("torch", "numba", "mamba_ssm", "causal_conv1d"))
-    if value not in allowed:
-        raise ValueError(f"{var} must be one of {', '.join(allowed)} (or unset), got {value!r}")
-    return value
 
 
 def _mamba_kernel():
@@ -345,27 +331,22 @@ def selective_scan_torch(
 def scan_backend(x: torch.Tensor) -> str:
     """'mamba_ssm', 'numba' or 'torch' for a tensor on x's device (MUSE_SCAN overrides the automatic
     choice: mamba_ssm on CUDA when installed, numba on CPU, the chunked torch path elsewhere)."""
-    forced = _env_choice("MUSE_SCAN")
+    forced = dispatch.env_choice("MUSE_SCAN")
     if forced == "torch":
         return "torch"
     if forced == "mamba_ssm":
-        if _mamba_kernel() is None or not _on_kernel_device(x):
+        if _mamba_kernel() is None or not dispatch.on_kernel_device(x):
             raise RuntimeError("MUSE_SCAN=mamba_ssm needs the mamba_ssm package and CUDA tensors")
         return "mamba_ssm"
     if forced == "numba":
         if x.device.type != "cpu" or _numba_scan() is None:
             raise RuntimeError("MUSE_SCAN=numba needs CPU tensors and an importable numba")
         return "numba"
-    if _on_kernel_device(x):  # CUDA: the fused kernel, else the chunked torch scan (never numba)
+    if dispatch.on_kernel_device(x):  # CUDA: the fused kernel, else the chunked torch scan (never numba)
         return "mamba_ssm" if _mamba_kernel() is not None else "torch"
     if x.device.type == "cpu" and _numba_scan() is not None:
         return "numba"
     return "torch"
-
-
-def _on_kernel_device(x: torch.Tensor) -> bool:
-    """Whether x lives where the CUDA kernel can read it (tests patch this to run the dispatch on CPU)."""
-    return x.is_cuda
 
 
 # dtypes selective_scan_cuda accepts for u (csrc/selective_scan/selective_scan.cpp, selective_scan_fwd:

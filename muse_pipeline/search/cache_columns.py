@@ -16,20 +16,19 @@ import numpy as np
 
 
 def clip_windows(cache: Any, rows: np.ndarray) -> np.ndarray:
-    """[n, 2] (start, end) seconds of each indexed video; NaN where the dataset sets no window.
+    """[n, 2] (start, end) seconds of each indexed video; NaN where the clip is the whole video.
 
-    Read from the cache's `videos/start` / `videos/end` when it has them; otherwise from the
-    dataset's rules: folder clips carry their window in the id (`<video>@<start>-<end>`), DiDeMo
-    clips are the first 30 s.
+    Extraction records each clip's window in the store (`FeatureCache.read_windows`). Stores made
+    before it did are read by the rules those windows came from: folder clips carry their window in
+    the id (`<video>@<start>-<end>`), DiDeMo clips are the first 30 s.
     """
+    if cache.has_windows:
+        return cache.read_windows(rows)
+    return _legacy_windows(cache, rows)
+
+
+def _legacy_windows(cache: Any, rows: np.ndarray) -> np.ndarray:
     out = np.full((len(rows), 2), np.nan)
-    group = getattr(cache, "root", None)
-    try:
-        starts = np.asarray(group["videos/start"][...], dtype=np.float64)[rows]
-        ends = np.asarray(group["videos/end"][...], dtype=np.float64)[rows]
-        return np.stack([starts, ends], axis=1)
-    except Exception:  # older caches: no window arrays
-        pass
     dataset = (cache.fingerprint or {}).get("dataset")
     ids = cache.video_ids
     for j, i in enumerate(rows):

@@ -27,7 +27,35 @@ def metrics_of(text: torch.Tensor, video: torch.Tensor, columns: np.ndarray) -> 
     return retrieval_metrics(sim, columns)
 
 
-class CacheValidator:
+class _SplitValidator:
+    """Shared frame of both validators: None without a validation set, else metrics of the embeddings
+    `_embed(pair)` returns ((texts [M, D], videos [N, D]) on the CPU), computed in eval mode with the
+    module's training flag restored afterwards."""
+
+    plan: SplitPlan
+    columns: np.ndarray
+
+    def _module(self, pair: nn.Module) -> nn.Module:
+        """The module whose train/eval flag the validation toggles."""
+        return pair
+
+    def _embed(self, pair: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, pair: nn.Module) -> dict | None:
+        if not self.plan.has_val:
+            return None
+        module = self._module(pair)
+        was_training = module.training
+        module.eval()
+        try:
+            return metrics_of(*self._embed(pair), self.columns)
+        finally:
+            module.train(was_training)
+
+
+class CacheValidator(_SplitValidator):
     """Embeds every val video once (batched cache reads) and every val text once, then one sim matrix."""
 
     def __init__(self, dataset, plan: SplitPlan, text_video: np.ndarray, text_emb: np.ndarray,
@@ -39,27 +67,20 @@ class CacheValidator:
         self.device = device
         self.batch_size = batch_size
 
-    @torch.no_grad()
-    def __call__(self, pair: nn.Module) -> dict | None:
-        """pair: the (unwrapped) CachePairModel; None when there is no validation set."""
-        if not self.plan.has_val:
-            return None
+    def _module(self, pair: nn.Module) -> nn.Module:
+        return pair.model  # pair: the (unwrapped) CachePairModel
+
+    def _embed(self, pair: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         model = pair.model
-        was_training = model.training
-        model.eval()
-        try:
-            videos = []
-            for lo in range(0, len(self.plan.val_videos), self.batch_size):
-                tokens, mask = self.dataset.read_videos(self.plan.val_videos[lo : lo + self.batch_size])
-                videos.append(model.embed_videos(tokens.to(self.device).float(), mask.to(self.device)).cpu())
-            texts = torch.from_numpy(self.text_emb[self.plan.val_texts]).to(self.device).float()
-            text = model.embed_texts(texts).cpu()
-            return metrics_of(text, torch.cat(videos), self.columns)
-        finally:
-            model.train(was_training)
+        videos = []
+        for lo in range(0, len(self.plan.val_videos), self.batch_size):
+            tokens, mask = self.dataset.read_videos(self.plan.val_videos[lo : lo + self.batch_size])
+            videos.append(model.embed_videos(tokens.to(self.device).float(), mask.to(self.device)).cpu())
+        texts = torch.from_numpy(self.text_emb[self.plan.val_texts]).to(self.device).float()
+        return model.embed_texts(texts).cpu(), torch.cat(videos)
 
 
-class EndToEndValidator:
+class EndToEndValidator(_SplitValidator):
     """Val videos decoded and run through the (fine-tuned) CLIP of the pair model, then the head."""
 
     def __init__(self, dataset, plan: SplitPlan, text_video: np.ndarray, device: torch.device,
@@ -70,27 +91,19 @@ class EndToEndValidator:
         self.device = device
         self.batch_size = batch_size
 
-    @torch.no_grad()
-    def __call__(self, pair: nn.Module) -> dict | None:
-        if not self.plan.has_val:
-            return None
-        was_training = pair.training
-        pair.eval()
+    def _embed(self, pair: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         enc, model = pair.encoder, pair.model
-        try:
-            videos = []
-            for lo in range(0, len(self.plan.val_videos), self.batch_size):
-                pixels, mask = self.dataset.video_batch(self.plan.val_videos[lo : lo + self.batch_size])
-                pixels, mask = pixels.to(self.device), mask.to(self.device)
-                real = enc.frame_tokens(pixels[mask])
-                tokens = real.new_zeros((*mask.shape, *real.shape[1:]))
-                tokens[mask] = real
-                videos.append(model.embed_videos(tokens.float(), mask).cpu())
-            texts = []
-            for lo in range(0, len(self.plan.val_texts), 256):
-                ids = self.dataset.text_ids[self.plan.val_texts[lo : lo + 256]]
-                feats = enc.text_features(torch.from_numpy(ids).to(self.device))
-                texts.append(model.embed_texts(feats.float()).cpu())
-            return metrics_of(torch.cat(texts), torch.cat(videos), self.columns)
-        finally:
-            pair.train(was_training)
+        videos = []
+        for lo in range(0, len(self.plan.val_videos), self.batch_size):
+            pixels, mask = self.dataset.video_batch(self.plan.val_videos[lo : lo + self.batch_size])
+            pixels, mask = pixels.to(self.device), mask.to(self.device)
+            real = enc.frame_tokens(pixels[mask])
+            tokens = real.new_zeros((*mask.shape, *real.shape[1:]))
+            tokens[mask] = real
+            videos.append(model.embed_videos(tokens.float(), mask).cpu())
+        texts = []
+        for lo in range(0, len(self.plan.val_texts), 256):
+            ids = self.dataset.text_ids[self.plan.val_texts[lo : lo + 256]]
+            feats = enc.text_features(torch.from_numpy(ids).to(self.device))
+            texts.append(model.embed_texts(feats.float()).cpu())
+        return torch.cat(texts), torch.cat(videos)
