@@ -281,8 +281,8 @@ def _resumed_configs(saved: dict, train_overrides: dict, head: str | None) -> tu
 
 
 def _new_model_config(cfg: TrainConfig, dim: int, grid: int, random_init: bool,
-                      model_overrides: dict | None) -> dict:
-    from muse_pipeline.models.retrieval import LOGIT_SCALE_PRETRAINED, LOGIT_SCALE_SCRATCH
+                      model_overrides: dict | None, clip_info: dict | None = None) -> dict:
+    from muse_pipeline.models.retrieval import initial_logit_scale
 
     return {
         "head": cfg.head,
@@ -290,7 +290,7 @@ def _new_model_config(cfg: TrainConfig, dim: int, grid: int, random_init: bool,
         "grid": grid,
         "max_frames": cfg.frames,
         "text_adapter": cfg.text_adapter,
-        "logit_scale_init": LOGIT_SCALE_SCRATCH if random_init else LOGIT_SCALE_PRETRAINED,
+        "logit_scale_init": initial_logit_scale(clip_info, random_init),
         **(model_overrides or {}),
     }
 
@@ -305,7 +305,7 @@ def _clip_source_of(fp: dict) -> dict:
     }
 
 
-def _seqtransf_plan(model_cfg: dict, source: dict):
+def _seqtransf_plan(model_cfg: dict, source: dict, announce: bool = False):
     """For a new seqTransf run: decide CLIP4Clip's init (spec section 6) and fix the geometry it needs
     (heads, activation) in `model_cfg` before the model is built. None for other heads."""
     from muse_pipeline.models.clip_init import ClipWeightsError, plan_seqtransf_init
@@ -323,6 +323,8 @@ def _seqtransf_plan(model_cfg: dict, source: dict):
         weights_id=source["weights"], quick_gelu=source["quick_gelu"], dim=int(model_cfg["dim"]),
         layers=int(model_cfg.get("transformer_layers", 4)), max_frames=int(model_cfg["max_frames"]),
     )
+    if announce and plan.warning:
+        log.warning("%s", plan.warning)
     model_cfg.setdefault("transformer_heads", plan.heads)
     model_cfg.setdefault("transformer_act", plan.act)
     return plan
@@ -501,11 +503,11 @@ def _run_from_cache(
             head=head or train_overrides.get("head") or "muse",
         )
         model_cfg = _new_model_config(cfg, arrays.dim, _grid(arrays.num_tokens), _is_random_init(fp),
-                                      model_overrides)
+                                      model_overrides, fp.get("encoder"))
     seq_plan = None
     if saved is None:
         cfg = cfg.replace(amp=effective_amp(cfg, ctx.device))  # config.json records what really runs
-        seq_plan = _seqtransf_plan(model_cfg, _clip_source_of(fp))
+        seq_plan = _seqtransf_plan(model_cfg, _clip_source_of(fp), announce=ctx.is_main and not describe_only)
     plan = plan_splits(
         arrays.video_ids, arrays.video_split, arrays.video_done, arrays.text_video, cfg.val_fraction
     )
@@ -582,7 +584,9 @@ def _fit(
     else:
         # Per-rank streams for dropout; the model was built from `seed` alone, identical on all ranks.
         seed_everything(cfg.seed + ctx.rank)
-    if ctx.is_main and not plan.has_val:
+    if ctx.is_main and cfg.refit:
+        log.info("%s", cfg.refit_note(len(dataset)))
+    elif ctx.is_main and not plan.has_val:
         log.warning("no validation set (no 'val' split, val_fraction 0): best.safetensors = last epoch")
     try:
         trainer.fit()
@@ -642,7 +646,7 @@ def _run_end_to_end(
         cfg = TrainConfig.from_preset(dataset, **train_overrides).replace(
             head=head or "muse", end_to_end=True
         )
-        model_cfg = _new_model_config(cfg, encoder.dim, encoder.grid, pretrained is None, model_overrides)
+        model_cfg = _new_model_config(cfg, encoder.dim, encoder.grid, pretrained is None, model_overrides, info)
     # the same identity as a cache of these frames would carry (model, weights, frames, annotations...)
     source = ExtractConfig(dataset=dataset, data_root=Path(data_root), model=model, pretrained=pretrained,
                            frames=cfg.frames, words=cfg.words, decoder=decoder)
@@ -662,7 +666,8 @@ def _run_end_to_end(
     if saved is None:
         cfg = cfg.replace(amp=effective_amp(cfg, ctx.device))  # config.json records what really runs
         seq_plan = _seqtransf_plan(model_cfg, {"model": model, "pretrained": pretrained, "weights": info["weights_id"],
-                                               "quick_gelu": info["quick_gelu"]})
+                                               "quick_gelu": info["quick_gelu"]},
+                                  announce=ctx.is_main and not describe_only)
     text_ids = encoder.tokenize([c.text for c in index.captions], cfg.words)
     retrieval = _build_model(model_cfg, cfg.seed)
     init_note = None if describe_only else _initialise(retrieval, saved, init_head, seq_plan, encoder.model)
