@@ -154,3 +154,28 @@ def test_random_init_reports_open_clip_defaults():
     info = ClipEncoder("muse-tiny").describe()
     assert info["clip_activation"] == "gelu" and info["quick_gelu"] is False
     assert info["logit_scale"] == pytest.approx(math.log(1 / 0.07))
+
+
+def test_extraction_records_the_activation_and_refuses_junk(synthetic_root, tmp_path):
+    """The cache fingerprint says which activation and logit_scale the features come from; a junk
+    weights file is refused in one line before the store exists."""
+    from muse_pipeline.cache.store import FeatureCache
+    from muse_pipeline.stages.extract import run_extract
+
+    archive = tmp_path / "tiny-openai.pt"
+    _archive(_tiny_clip(True), archive)
+    out = tmp_path / "cache.zarr"
+    summary = run_extract(dataset="synthetic", data_root=synthetic_root, out=out, model="muse-tiny",
+                          pretrained=str(archive), frames=2, workers=0, quiet=True)
+    assert summary.n_failed == 0
+    fp = FeatureCache.open(out).fingerprint
+    assert fp["encoder"]["clip_activation"] == "quick_gelu" and fp["encoder"]["quick_gelu"] is True
+    assert fp["encoder"]["logit_scale"] == pytest.approx(3.0)
+    assert fp["weights"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x80\x04 junk " * 64)
+    with pytest.raises(InputError, match=f"--pretrained {junk} is not a weights file"):
+        run_extract(dataset="synthetic", data_root=synthetic_root, out=tmp_path / "junk.zarr", model="muse-tiny",
+                    pretrained=str(junk), frames=2, workers=0, quiet=True)
+    assert not (tmp_path / "junk.zarr").exists()

@@ -183,6 +183,7 @@ class ClipEncoder:
             self.activation_reason = "random init: the model config's activation"
         elif os.path.isfile(pretrained):
             source = os.fspath(pretrained)
+            check_readable(source)  # junk is one error line here, before open_clip's loader sees it
             self.weights_id = file_sha256(source)
             self.weights_file = identify(source, self.weights_id)
             kwargs.update(self._file_activation(self.weights_file, config_quick_gelu))

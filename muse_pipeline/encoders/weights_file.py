@@ -163,10 +163,12 @@ def check_readable(path: str | os.PathLike[str]) -> None:
         elif is_torchscript_archive(path):
             return  # its records are checked by the zip reader; the tensors load with the model
         else:
-            try:
-                torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError:  # an old (non-zip) checkpoint cannot be memory-mapped
-                torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch's notes on junk would precede the error line
+                try:
+                    torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                except RuntimeError:  # an old (non-zip) checkpoint cannot be memory-mapped
+                    torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  any failure to read means "not weights"
         raise WeightsFileError(not_weights_message(path, err)) from None
 
