@@ -244,7 +244,7 @@ def _prepare_from_cache(ctx: DistContext, req: TrainRequest, saved: dict | None,
             head=req.head or overrides.get("head") or "muse",
         )
         model_cfg = new_model_config(cfg, arrays.dim, grid_of(arrays.num_tokens), is_random_init(fp),
-                                     req.model_overrides)
+                                     req.model_overrides, fp.get("encoder"))
 
     def make_data(plan: SplitPlan, cfg: TrainConfig, runtime: dict) -> tuple[Any, Any]:
         dataset, memory = cache_dataset(arrays, plan.train_texts, req.cache_memory, ctx.device, ctx.world_size)
@@ -289,7 +289,7 @@ def _prepare_end_to_end(ctx: DistContext, req: TrainRequest, saved: dict | None)
         cfg, model_cfg = resumed_configs(saved, overrides, req.head)
     else:
         cfg = TrainConfig.from_preset(dataset, **overrides).replace(head=req.head or "muse", end_to_end=True)
-        model_cfg = new_model_config(cfg, encoder.dim, encoder.grid, pretrained is None, req.model_overrides)
+        model_cfg = new_model_config(cfg, encoder.dim, encoder.grid, pretrained is None, req.model_overrides, info)
     # the same identity as a cache of these frames would carry (model, weights, frames, annotations...)
     source = ExtractConfig(dataset=dataset, data_root=Path(data_root), model=model, pretrained=pretrained,
                            frames=cfg.frames, words=cfg.words, decoder=decoder)
@@ -337,7 +337,7 @@ def _run(ctx: DistContext, req: TrainRequest, saved: dict | None, runtime: dict[
     seq_plan = None
     if saved is None:
         cfg = cfg.replace(amp=effective_amp(cfg, ctx.device))  # config.json records what really runs
-        seq_plan = seqtransf_plan(model_cfg, prep.seq_source)
+        seq_plan = seqtransf_plan(model_cfg, prep.seq_source, announce=ctx.is_main and not req.describe_only)
     plan = plan_splits(*prep.plan_inputs, cfg.val_fraction)
     check_plan(plan, prep.where, cfg, req.needs_val)
     retrieval = build_model(model_cfg, cfg.seed)
@@ -386,7 +386,9 @@ def _fit(
     else:
         # Per-rank streams for dropout; the model was built from `seed` alone, identical on all ranks.
         seed_everything(cfg.seed + ctx.rank)
-    if ctx.is_main and not plan.has_val:
+    if ctx.is_main and cfg.refit:
+        log.info("%s", cfg.refit_note(len(dataset)))
+    elif ctx.is_main and not plan.has_val:
         log.warning("no validation set (no 'val' split, val_fraction 0): best.safetensors = last epoch")
     try:
         trainer.fit()

@@ -7,14 +7,15 @@ Runs only on a CUDA machine with the kernels installed (`pip install -e '.[cuda]
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import pytest
 import torch
 
 from muse_pipeline.models.bimamba import BiMamba
-from muse_pipeline.models.conv import causal_conv1d, causal_conv1d_torch
-from muse_pipeline.models.scan import selective_scan, selective_scan_torch
+from muse_pipeline.models.conv import causal_conv1d, causal_conv1d_torch, conv_backend
+from muse_pipeline.models.scan import scan_backend, selective_scan, selective_scan_torch
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_MAMBA = importlib.util.find_spec("mamba_ssm") is not None
@@ -47,6 +48,22 @@ def inputs(dtype, b=2, d=64, length=300, n=16, seed=0):
     )
 
 
+def spy_kernel(monkeypatch, module: str, name: str) -> list[int]:
+    """Count the calls of the kernel `module.name` (the project imports it at call time, so the
+    counting wrapper is what its dispatch gets). Without this a broken build that fell back to the
+    torch path would compare torch with torch and pass."""
+    mod = importlib.import_module(module)
+    real = getattr(mod, name)
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, name, counted)
+    return calls
+
+
 def grads(fn, x, gy):
     x = {k: v.clone().requires_grad_() for k, v in x.items()}
     y = fn(**x, delta_softplus=True)
@@ -58,9 +75,12 @@ def grads(fn, x, gy):
 @pytest.mark.parametrize("length", [1, 300, 2048])
 def test_mamba_ssm_scan_matches_torch_path(monkeypatch, length, dtype):
     monkeypatch.setenv("MUSE_SCAN", "mamba_ssm")
+    calls = spy_kernel(monkeypatch, "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
     x = inputs(dtype, length=length)
     gy = torch.randn(2, 64, length, device="cuda").to(dtype)
+    assert scan_backend(x["u"]) == "mamba_ssm"
     y_k, g_k = grads(selective_scan, x, gy)
+    assert len(calls) == 1, "the mamba_ssm kernel did not run"
     y_t, g_t = grads(selective_scan_torch, {k: v.float() for k, v in x.items()}, gy.float())
     assert y_k.dtype == dtype
     torch.testing.assert_close(y_k.float(), y_t, **_tol(dtype, 2e-4, 5e-2))
@@ -78,7 +98,10 @@ def test_causal_conv1d_kernel_matches_torch(monkeypatch, dtype):
     w = torch.randn(64, 4, generator=g).cuda().requires_grad_()
     bias = torch.randn(64, generator=g).cuda().requires_grad_()
     gy = torch.randn(2, 64, 257, device="cuda").to(dtype)
+    calls = spy_kernel(monkeypatch, "causal_conv1d", "causal_conv1d_fn")
+    assert conv_backend(x, w) == "causal_conv1d"
     y_k = causal_conv1d(x, w, bias, "silu")
+    assert len(calls) == 1, "the causal_conv1d kernel did not run"
     gk = torch.autograd.grad(y_k, (x, w, bias), gy)
     xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, w, bias))
     y_t = causal_conv1d_torch(xf, wf, bf, "silu")
@@ -104,12 +127,18 @@ def test_bimamba_kernel_path_matches_torch_path_with_padding(monkeypatch, precis
             y = m(x, pad)
         return y, torch.autograd.grad(y[~pad].float().square().sum(), list(m.parameters()))
 
+    scans = spy_kernel(monkeypatch, "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+    convs = spy_kernel(monkeypatch, "causal_conv1d", "causal_conv1d_fn") if HAS_CONV else None
     monkeypatch.setenv("MUSE_SCAN", "mamba_ssm")
     monkeypatch.setenv("MUSE_CONV", "auto")
     y_k, gk = run()
+    kernel_calls = (len(scans), len(convs) if convs is not None else None)
+    assert kernel_calls[0] >= 2, "BiMamba's two scans did not run in the mamba_ssm kernel"
+    assert convs is None or kernel_calls[1] >= 2, "BiMamba's convolutions did not run in the causal_conv1d kernel"
     monkeypatch.setenv("MUSE_SCAN", "torch")
     monkeypatch.setenv("MUSE_CONV", "torch")
     y_t, gt = run()
+    assert (len(scans), len(convs) if convs is not None else None) == kernel_calls  # the reference is torch only
     if not amp:
         torch.testing.assert_close(y_k[~pad], y_t[~pad], atol=2e-4, rtol=2e-4)
         for a, b in zip(gk, gt, strict=True):

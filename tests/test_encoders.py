@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from muse_pipeline.encoders import ClipEncoder, UnsupportedModelError, register_tiny_config
+from muse_pipeline.video.transforms import preprocess_frames
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +34,6 @@ def _frame(h: int = 180, w: int = 320) -> np.ndarray:
     disc = (xx - 0.6 * w) ** 2 + (yy - 0.4 * h) ** 2 < (0.2 * h) ** 2
     r[disc], g[disc], b[disc] = 230, 40, 40
     return np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8)
-
-
-def _own_preprocess(frames: np.ndarray, size: int, mean, std) -> torch.Tensor:
-    """Spec section 1 in plain torch: short side -> size (bicubic + antialias), center crop, normalise."""
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, int(h * scale)), max(size, int(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
-    x = x[..., top : top + size, left : left + size]
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def test_geometry_read_from_model(enc: ClipEncoder) -> None:
@@ -196,16 +185,9 @@ def test_non_standard_pooling_is_refused(tmp_path) -> None:
 def test_our_preprocess_matches_open_clip_preprocess(enc: ClipEncoder) -> None:
     """Spec section 1: CLS of our frame pipeline vs open_clip's own preprocess, cosine >= 0.999."""
     frames_list = [_frame(180, 320), _frame(300, 220)]  # landscape and portrait
-    try:
-        from muse_pipeline.video.transforms import preprocess_frames
-    except ImportError:
-        preprocess_frames = None
     oc_transform = open_clip.image_transform(enc.image_size, is_train=False, mean=enc.mean, std=enc.std)
     for frame in frames_list:
-        if preprocess_frames is not None:
-            ours = preprocess_frames(frame[None], enc.image_size, enc.mean, enc.std)
-        else:
-            ours = _own_preprocess(frame[None], enc.image_size, enc.mean, enc.std)
+        ours = preprocess_frames(frame[None], enc.image_size, enc.mean, enc.std)
         theirs = oc_transform(Image.fromarray(frame))[None]
         assert ours.shape == theirs.shape == (1, 3, 224, 224)
         # PIL rounds to uint8 after resizing: a few thousandths in normalised units on average.

@@ -511,6 +511,15 @@ def test_seqtransf_init_rules_for_random_and_misfit_clip(tmp_path):
     too_many = plan_seqtransf_init(model_name="ViT-B-32", pretrained="openai", weights_id="openai", quick_gelu=True,
                                    dim=512, layers=4, max_frames=100)
     assert not too_many.copy and "77 text positions < 100 frames" in too_many.note
+    # the console hears of the fallbacks for pretrained CLIP; random-init CLIP is a choice, only recorded
+    assert rnd.warning is None and wide.warning is None
+    for fallback in (misfit, too_many):
+        assert fallback.warning.startswith("seqTransf starts from random init") and "\n" not in fallback.warning
+    short = plan_seqtransf_init(model_name="muse-tiny", pretrained="tiny.pt", weights_id="0" * 64, quick_gelu=False,
+                                dim=64, layers=4, max_frames=12)
+    assert short.copy and short.copied_layers == 2
+    assert short.warning == ("seqTransf layers 2-3 start from random init: CLIP muse-tiny has only 2 text layers "
+                             "to copy (CLIP4Clip copies 4)")
     # the weights the cache names must be the ones loaded
     path, _ = _tiny_clip_file(tmp_path)
     plan = plan_seqtransf_init(model_name="muse-tiny", pretrained=str(path), weights_id="0" * 64, quick_gelu=False,

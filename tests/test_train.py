@@ -4,6 +4,7 @@ real cache/model/encoder pieces) the learning test and the cache errors."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -370,7 +371,7 @@ def _record_batches(monkeypatch) -> dict[int, list[np.ndarray]]:
     return seen
 
 
-def test_refit_trains_on_every_training_video(tmp_path, monkeypatch):
+def test_refit_trains_on_every_training_video(tmp_path, monkeypatch, caplog):
     """--refit: selection on a held-out slice of train, then a run on ALL training videos (every caption
     of every train video) for the selected number of epochs; the last epoch is its model."""
     from muse_pipeline.stages.train import run_train
@@ -381,8 +382,13 @@ def test_refit_trains_on_every_training_video(tmp_path, monkeypatch):
     train_rows = {int(r) for r in np.flatnonzero(arrays.video_split[arrays.text_video] == "train")}
     assert len(train_rows) == 20
     seen = _record_batches(monkeypatch)
+    caplog.set_level(logging.INFO)
     refit = run_train(from_cache=cache, runs_dir=tmp_path / "runs", name="sel", head="meanP", epochs=3,
                       batch_size=4, val_fraction=0.2, num_workers=0, quiet=True, refit=True)
+    said = [r.getMessage() for r in caplog.records]
+    # the refit run says what it does, not that a validation set is missing
+    assert not [m for m in said if "no validation set" in m]
+    assert [m for m in said if m.startswith("refit: training on all 20 training pairs for ")]
     selection = tmp_path / "runs" / "sel"
     assert refit == tmp_path / "runs" / "sel-refit"
     sel_cfg = json.loads((selection / "config.json").read_text())
@@ -445,7 +451,10 @@ def _seqtransf_cache(tmp_path: Path) -> tuple[Path, Path]:
     register_tiny_config()
     torch.manual_seed(5)
     weights = tmp_path / "tiny.pt"
-    torch.save(open_clip.create_model("muse-tiny").state_dict(), weights)
+    clip = open_clip.create_model("muse-tiny")
+    with torch.no_grad():
+        clip.logit_scale.fill_(3.0)  # neither ln(100) nor open_clip's ln(1/0.07): it must come from the file
+    torch.save(clip.state_dict(), weights)
     info = ClipEncoder("muse-tiny", pretrained=str(weights)).describe()
     fp = {**FP, "pretrained": str(weights), "weights": info["weights_id"], "num_tokens": 50, "dim": 64,
           "encoder": info}
@@ -462,18 +471,24 @@ def _seqtransf_cache(tmp_path: Path) -> tuple[Path, Path]:
     return path, weights
 
 
-def test_seqtransf_run_starts_from_the_cache_clip_text_layers(tmp_path):
+def test_seqtransf_run_starts_from_the_cache_clip_text_layers(tmp_path, caplog):
     """A from-cache seqTransf run loads the CLIP the fingerprint names (a weights file here) and starts
-    from its text layers; config.json says so."""
+    from its text layers; config.json says so, and the console says that layers 2-3 stay random (this
+    CLIP has 2 text layers). logit_scale starts from the file's value (recorded at extraction)."""
     from muse_pipeline.models.checkpoint import load_run
     from muse_pipeline.stages.train import run_train
 
     cache, weights = _seqtransf_cache(tmp_path)
     clip_sd = torch.load(weights, weights_only=True)
+    caplog.set_level(logging.WARNING)
     run = run_train(from_cache=cache, runs_dir=tmp_path / "runs", head="seqTransf", epochs=1, batch_size=4,
                     lr=1e-12, clip_lr=0.0, num_workers=0, quiet=True)
+    assert [r.getMessage() for r in caplog.records if "random init" in r.getMessage()] == [
+        "seqTransf layers 2-3 start from random init: CLIP muse-tiny has only 2 text layers to copy (CLIP4Clip copies 4)"]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["init"]["seqtransf"]["copy"] is True and cfg["init"]["seqtransf"]["copied_layers"] == 2
+    assert cfg["logit_scale"]["init"] == pytest.approx(3.0) and cfg["model"]["logit_scale_init"] == pytest.approx(3.0)
+    assert float(load_run(run, "last")[0].logit_scale.detach()) == pytest.approx(3.0)
     assert cfg["model"]["transformer_heads"] == 2 and cfg["model"]["transformer_act"] == "gelu"
     model, _ = load_run(run, "last")
     sd = model.head.state_dict()
@@ -481,6 +496,48 @@ def test_seqtransf_run_starts_from_the_cache_clip_text_layers(tmp_path):
     torch.testing.assert_close(sd["transformer.0.attn.qkv.weight"], clip_sd["transformer.resblocks.0.attn.in_proj_weight"])
     torch.testing.assert_close(sd["transformer.1.mlp.2.weight"], clip_sd["transformer.resblocks.1.mlp.c_proj.weight"])
     torch.testing.assert_close(sd["frame_position_embeddings.weight"], clip_sd["positional_embedding"][:3])
+
+
+@pytest.mark.parametrize("damage", ["junk", "other weights"])
+def test_seqtransf_weights_file_replaced_after_extraction_is_one_error_line(tmp_path, damage):
+    """The CLIP file the cache names was overwritten (junk bytes, or other weights): one error line
+    naming the file and what to do, before a run directory is written."""
+    from muse_pipeline.errors import UserError
+    from muse_pipeline.stages.train import run_train
+
+    cache, weights = _seqtransf_cache(tmp_path)
+    if damage == "junk":
+        weights.write_bytes(b"\x80\x04 not a checkpoint any more" * 100)
+    else:
+        sd = torch.load(weights, weights_only=True)
+        sd["logit_scale"] = sd["logit_scale"] + 1.0
+        torch.save(sd, weights)
+    with pytest.raises(UserError) as err:
+        run_train(from_cache=cache, runs_dir=tmp_path / "runs", head="seqTransf", epochs=1, batch_size=4,
+                  num_workers=0, quiet=True)
+    message = str(err.value)
+    assert "\n" not in message and str(weights) in message
+    assert "changed after extraction; restore the original weights file" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_logit_scale_init_from_the_cache_record():
+    """spec section 7: CLIP's own value, clamped to ln(100); caches without the record keep ln(100)
+    for pretrained CLIP and ln(1/0.07) for random init."""
+    from muse_pipeline.models.retrieval import initial_logit_scale
+
+    assert initial_logit_scale({"logit_scale": 2.5}, random_init=False) == 2.5
+    assert initial_logit_scale({"logit_scale": 4.60546875}, random_init=False) == math.log(100)  # OpenAI's, in fp16
+    assert initial_logit_scale({"weights_id": "x"}, random_init=False) == math.log(100)
+    assert initial_logit_scale(None, random_init=True) == math.log(1 / 0.07)
+
+
+def test_refit_note_says_what_the_run_does():
+    cfg = TrainConfig(epochs=3, batch_size=4, refit=True)
+    assert cfg.refit_note(20) == ("refit: training on all 20 training pairs for 3 epoch(s) (the count validation "
+                                  "selected); no selection, the last epoch is kept (best = last)")
+    assert cfg.refit_note(22).endswith("; 2 of the 22 pairs are left out of each epoch by drop_last "
+                                       "(a different set each epoch)")
 
 
 def test_print_param_groups_lists_recipe_groups(tmp_path):
@@ -520,6 +577,59 @@ def test_print_param_groups_lists_recipe_groups(tmp_path):
     assert seq["model.head.transformer.0.attn.qkv.weight"]["shape"] == "24x8"
     assert all(r["lr"] == pytest.approx(1e-3) for n, r in muse.items() if n.startswith("model.head."))
     assert muse["model.head.fusion.blocks.0.mixer.fwd.A_log"]["wd"] == 0.0
+
+
+def _spy_trainers(monkeypatch) -> list[Trainer]:
+    """Every Trainer a run builds (its real optimizer is what the test reads)."""
+    built: list[Trainer] = []
+    real_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    return built
+
+
+def assert_recipe_optimizer(trainer: Trainer, lr: float, head_mult: float, clip_lr: float, wd: float) -> None:
+    """The optimizer that trained: each parameter's group lr (before the schedule) and weight decay are
+    spec section 7's, written out here by name; the schedule scaled every group alike."""
+    names = {id(p): n for n, p in trainer.pair.named_parameters() if p.requires_grad}
+    seen = []
+    factors = set()
+    for group in trainer.optimizer.param_groups:
+        factors.add(round(group["lr"] / group["initial_lr"], 12))
+        for p in group["params"]:
+            name = names[id(p)]
+            seen.append(name)
+            if name == "model.logit_scale" or name.startswith("clip."):
+                want_lr = clip_lr
+            elif name.startswith(("model.head.", "model.text_adapter.")):
+                want_lr = lr * head_mult
+            else:
+                want_lr = lr
+            leaf = name.rsplit(".", 1)[-1]
+            no_decay = p.ndim < 2 or leaf in ("A_log", "D") or "norm" in name.lower()
+            assert group["initial_lr"] == pytest.approx(want_lr, rel=1e-12), name
+            assert group["weight_decay"] == (0.0 if no_decay else wd), name
+    assert sorted(seen) == sorted(names.values())  # every trainable parameter, exactly once
+    assert len(factors) == 1
+
+
+def test_the_real_optimizer_has_the_recipe_groups(tmp_path, monkeypatch):
+    """Not the rows a helper computes: the param groups of the AdamW that a `muse` run trained with."""
+    from muse_pipeline.stages.train import run_train
+
+    cache = _filled_cache(tmp_path / "c.zarr", FP)
+    trainers = _spy_trainers(monkeypatch)
+    run_train(from_cache=cache, runs_dir=tmp_path / "runs", head="muse", epochs=1, batch_size=4, lr=2e-4,
+              clip_lr=3e-7, weight_decay=0.1, num_workers=0, quiet=True, model_overrides={"depth": 1, "d_state": 4})
+    (trainer,) = trainers
+    assert trainer.state.step > 0  # it trained
+    names = [n for n, _ in trainer.pair.named_parameters()]
+    assert any(n.endswith("A_log") for n in names) and any("norm" in n for n in names)
+    assert_recipe_optimizer(trainer, lr=2e-4, head_mult=10.0, clip_lr=3e-7, wd=0.1)
 
 
 # ------------------------------------------------------------------------------- learning works
@@ -564,14 +674,19 @@ def test_muse_head_learns_beyond_chance_and_zero_shot(tiny_cache, tmp_path):
     assert trained >= zero_shot + 8.0, (trained, zero_shot)
 
 
-def test_end_to_end_run_trains_clip_and_evaluates(synthetic_root, tmp_path):
+def test_end_to_end_run_trains_clip_and_evaluates(synthetic_root, tmp_path, monkeypatch):
     """CLIP in the loop: a real end-to-end run through run_train, then muse eval on its own CLIP."""
     from muse_pipeline.stages.evaluate import evaluate_run
     from muse_pipeline.stages.train import run_train
 
+    trainers = _spy_trainers(monkeypatch)
     run = run_train(end_to_end=True, dataset="synthetic", data_root=synthetic_root, model="muse-tiny",
                     head="meanP", runs_dir=tmp_path, name="e2e", epochs=1, batch_size=4, frames=2,
                     clip_lr=1e-3, num_workers=0, quiet=True)
+    # CLIP's towers and logit_scale at the CLIP lr, in the optimizer that trained them
+    (trainer,) = trainers
+    assert any(n.startswith("clip.") for n, _ in trainer.pair.named_parameters())
+    assert_recipe_optimizer(trainer, lr=TrainConfig.from_preset("synthetic").lr, head_mult=10.0, clip_lr=1e-3, wd=0.2)
     config = json.loads((run / "config.json").read_text())
     assert config["end_to_end"] is True
     _, clip_tensors = load_weights(run, "last")
@@ -582,8 +697,66 @@ def test_end_to_end_run_trains_clip_and_evaluates(synthetic_root, tmp_path):
     initial = ClipEncoder("muse-tiny").model.state_dict()
     moved = [k for k, v in clip_tensors.items() if not torch.equal(v, initial[k])]
     assert moved, "CLIP weights did not change in end-to-end training"
-    result = evaluate_run(run)
-    assert result["counts"]["videos"] > 0 and 0.0 <= result["metrics"]["t2v"]["R1"] <= 100.0
+    # The evaluation half: `muse eval` of the run vs a brute-force recomputation from the run's BEST
+    # weights (open_clip's own encode_image/encode_text of the fine-tuned CLIP, meanP and the text
+    # adapter written out here), per query and in R@1, on the test split and on the larger train split.
+    model_sd, best_clip = load_weights(run, "best")
+    clip = open_clip_model("muse-tiny", best_clip)
+    initial_clip = open_clip_model("muse-tiny", initial)
+    for split in ("test", "train"):
+        result = evaluate_run(run, split=split)
+        ranks, sim = brute_force_t2v(synthetic_root, split, clip, model_sd, frames=2, words=config["train"]["words"])
+        assert result["counts"]["videos"] == sim.shape[1] and result["counts"]["texts"] == sim.shape[0]
+        assert result["per_query"]["t2v"]["rank"] == ranks.tolist(), split
+        assert result["metrics"]["t2v"]["R1"] == pytest.approx(100.0 * float(np.mean(ranks == 1)))
+        # and the similarities are the fine-tuned CLIP's: the initial one gives other numbers
+        _, sim0 = brute_force_t2v(synthetic_root, split, initial_clip, model_sd, frames=2, words=config["train"]["words"])
+        assert not torch.allclose(sim, sim0, atol=1e-4)
+
+
+def open_clip_model(name: str, state: dict) -> nn.Module:
+    import open_clip
+
+    from muse_pipeline.encoders.clip import register_tiny_config
+
+    register_tiny_config()
+    model = open_clip.create_model(name)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def brute_force_t2v(root: Path, split: str, clip: nn.Module, head_sd: dict, frames: int, words: int):
+    """(t2v ranks [M], sim [M, N]) of a meanP end-to-end run on `split`, from first principles: rank = 1 +
+    the number of OTHER videos scoring >= the caption's own (ties count against the query)."""
+    import open_clip
+
+    from muse_pipeline.data import load_dataset
+    from muse_pipeline.training.data import EndToEndPairDataset
+
+    index = load_dataset("synthetic", root)
+    rows = [i for i, v in enumerate(index.videos) if v.split == split]
+    captions = [c for c in index.captions if c.video_index in rows]
+    pp = open_clip.get_model_preprocess_cfg(clip)
+    empty = np.zeros(0, np.int64)
+    decoded = EndToEndPairDataset(index.videos, empty, empty, empty, frames, 224, pp["mean"], pp["std"], "pyav")
+    videos = []
+    for row in rows:  # meanP: mean of the unit CLS features of the real frames, made unit again
+        pixels, mask = decoded.video_batch([row])
+        cls = F.normalize(clip.encode_image(pixels[0][mask[0]]), dim=-1)
+        videos.append(F.normalize(cls.mean(0), dim=-1))
+    tokenizer = open_clip.get_tokenizer("muse-tiny")
+    ids = torch.zeros(len(captions), 77, dtype=torch.long)
+    for i, c in enumerate(captions):  # <sot> + bpe[:words-2] + <eot>, as the cache stores them
+        bpe = [tokenizer.sot_token_id, *tokenizer.encode(c.text)[: words - 2], tokenizer.eot_token_id]
+        ids[i, : len(bpe)] = torch.tensor(bpe)
+    text = clip.encode_text(ids)
+    text = F.normalize(text + text @ head_sd["text_adapter.fc.weight"].T + head_sd["text_adapter.fc.bias"], dim=-1)
+    sim = text @ torch.stack(videos).T
+    own = torch.tensor([rows.index(c.video_index) for c in captions])
+    true_score = sim[torch.arange(len(captions)), own]
+    ranks = 1 + (sim >= true_score[:, None]).sum(1) - 1  # the >= count includes the true video itself
+    return ranks.numpy(), sim
 
 
 def test_train_request_takes_run_train_keywords_and_collects_train_fields():

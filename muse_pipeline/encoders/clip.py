@@ -23,8 +23,15 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import QuickGELU, VisionTransformer
 
+from muse_pipeline.encoders.weights_file import (
+    WeightsFile,
+    WeightsFileError,
+    check_readable,
+    identify,
+    torchscript_state_dict,
+)
 from muse_pipeline.errors import InputError, UserError
 
 # Directory with this package's open_clip model configs (`muse-tiny`, `muse-tiny-16`).
@@ -41,6 +48,9 @@ PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float
 
 class UnsupportedModelError(UserError, ValueError):
     """The open_clip model is not a standard ViT CLIP whose tokens this module knows how to read."""
+
+
+log = logging.getLogger(__name__)
 
 
 class _NoRandomInitWarning(logging.Filter):
@@ -98,28 +108,14 @@ def check_model_name(model_name: str) -> None:
 
 def check_pretrained(model_name: str, pretrained: str | None) -> None:
     """InputError unless `pretrained` is None, an open_clip tag of the model, or a readable weights
-    file (a torch checkpoint or safetensors; read lazily, so a large file costs no full load)."""
+    file (a torch checkpoint, safetensors or a TorchScript archive; read lazily, so a large file costs
+    no full load)."""
     if pretrained is None:
         return
     if os.path.isdir(pretrained):
         raise InputError(f"--pretrained {pretrained} is a folder; give a weights file or a pretrained tag")
     if os.path.isfile(pretrained):
-        try:
-            if str(pretrained).endswith(".safetensors"):
-                from safetensors import safe_open
-
-                with safe_open(pretrained, framework="pt") as f:
-                    f.keys()
-            else:
-                try:
-                    torch.load(pretrained, map_location="cpu", mmap=True, weights_only=True)
-                except RuntimeError:  # an old (non-zip) checkpoint cannot be memory-mapped
-                    torch.load(pretrained, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001  any failure to read means "not weights"
-            raise InputError(
-                f"--pretrained {pretrained} is not a weights file torch can read "
-                f"({type(err).__name__}); give a .pt/.bin/.safetensors checkpoint or a pretrained tag"
-            ) from None
+        check_readable(pretrained)
         return
     if _looks_like_path(pretrained):
         raise WeightsNotFound(f"pretrained weights file not found: {pretrained}")
@@ -129,6 +125,33 @@ def check_pretrained(model_name: str, pretrained: str | None) -> None:
             f"{pretrained!r} is neither a file nor a pretrained tag of {model_name}; "
             f"tags: {', '.join(tags) or '(none)'}"
         )
+
+
+def _load_archive(model: torch.nn.Module, path: str) -> None:
+    """Load a TorchScript archive's tensors into `model` (all of them, nothing missing). Entries that
+    are the model's non-persistent buffers (open_clip's `attn_mask`, rebuilt by the model) are skipped."""
+    state = torchscript_state_dict(path)
+    expected = model.state_dict()
+    buffers = dict(model.named_buffers())
+    for name in [k for k in state if k not in expected and k in buffers]:
+        del state[name]
+    if "logit_scale" in state and state["logit_scale"].ndim != expected["logit_scale"].ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
+    model.load_state_dict(state, strict=True)
+
+
+def _weights_error(path: str, model_name: str, err: BaseException) -> InputError:
+    """The one line for a weights file that cannot be loaded into `model_name`: not weights at all
+    (junk, truncated), or weights of another model."""
+    try:
+        check_readable(path)
+    except WeightsFileError as unreadable:
+        return unreadable
+    first = " ".join(str(err).split())[:160]
+    return WeightsFileError(
+        f"--pretrained {path} does not hold {model_name} weights open_clip can load "
+        f"({type(err).__name__}: {first}); give the weights file of {model_name} (or the --model it was trained as)"
+    )
 
 
 class ClipEncoder:
@@ -152,12 +175,18 @@ class ClipEncoder:
         self.precision = resolve_precision(precision, self.device)
         self._pinned: torch.Tensor | None = None  # reused host buffer for CUDA uploads
         kwargs: dict[str, Any] = {}
+        config_quick_gelu = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
+        self.weights_file: WeightsFile | None = None
         if pretrained is None:
             self.weights_id = RANDOM_INIT
             source = None
+            self.activation_reason = "random init: the model config's activation"
         elif os.path.isfile(pretrained):
             source = os.fspath(pretrained)
+            check_readable(source)  # junk is one error line here, before open_clip's loader sees it
             self.weights_id = file_sha256(source)
+            self.weights_file = identify(source, self.weights_id)
+            kwargs.update(self._file_activation(self.weights_file, config_quick_gelu))
         elif isinstance(pretrained, str) and not _looks_like_path(pretrained):
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if pretrained not in tags:
@@ -167,6 +196,7 @@ class ClipEncoder:
                 )
             source = pretrained
             self.weights_id = pretrained
+            self.activation_reason = f"open_clip's pretrained tag {pretrained!r}"
             # OpenAI's weights were trained with QuickGELU: build the matching activation, else the
             # features silently differ from the published model.
             if open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False):
@@ -174,30 +204,37 @@ class ClipEncoder:
         else:
             raise WeightsNotFound(f"pretrained weights file not found: {pretrained}")
 
-        quiet = _NoRandomInitWarning() if source is None else None  # random init is on purpose here
+        archive = self.weights_file is not None and self.weights_file.format == "torchscript"
+        quiet = _NoRandomInitWarning() if source is None or archive else None  # weights come later
         root_logger = logging.getLogger()
         if quiet is not None:
             root_logger.addFilter(quiet)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             try:
-                model = open_clip.create_model(model_name, pretrained=source, device=self.device, **kwargs)
-            except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
+                model = open_clip.create_model(model_name, pretrained=None if archive else source,
+                                               device=self.device, **kwargs)
+                if archive:
+                    _load_archive(model, source)
+            except WeightsFileError:
+                raise
+            except Exception as err:  # noqa: BLE001  sorted below: a user's file, or a bug
                 if source is None or not os.path.isfile(source):
                     raise
                 # a file that is not (these) weights: a user's mistake, not a bug
-                raise InputError(
-                    f"--pretrained {source} does not hold {model_name} weights open_clip can load "
-                    f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
-                ) from err
+                raise _weights_error(source, model_name, err) from err
             finally:
                 if quiet is not None:
                     root_logger.removeFilter(quiet)
+        # CLIP's own temperature as the checkpoint has it (before any cast): the retrieval heads start
+        # from it (spec section 7).
+        self.logit_scale = float(model.logit_scale.detach().float().reshape(-1)[0])
         if self.precision != "fp32":
             model = model.to(PRECISIONS[self.precision])
-        self.quick_gelu = bool(kwargs.get("force_quick_gelu", False)) or bool(
-            (open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)
-        )
+        # what was BUILT, not what was asked for: the activation the cached features come from
+        self.quick_gelu = any(isinstance(m, QuickGELU) for m in model.modules())
+        if self.weights_file is not None and self.quick_gelu and not config_quick_gelu:
+            log.info("--pretrained %s: %s; %s built with QuickGELU", source, self.weights_file.reason, model_name)
         model.eval()
         model.requires_grad_(False)
         self.model = model
@@ -237,6 +274,23 @@ class ClipEncoder:
             # argmax pooling finds <eot> only because it is the largest id.
             raise UnsupportedModelError(f"{model_name}: <eot> is not the largest token id")
 
+    def _file_activation(self, weights: WeightsFile, config_quick_gelu: bool) -> dict[str, Any]:
+        """open_clip kwargs for a weights FILE: QuickGELU where the file says so (OpenAI's weights in a
+        GELU config would change every feature without an error); InputError on a contradiction."""
+        if weights.quick_gelu is None:
+            self.activation_reason = f"{self.model_name}'s config ({weights.reason})"
+            return {}
+        self.activation_reason = weights.reason
+        if weights.quick_gelu:
+            return {} if config_quick_gelu else {"force_quick_gelu": True}
+        if config_quick_gelu:
+            plain = self.model_name.removesuffix("-quickgelu")
+            raise InputError(
+                f"--pretrained {weights.path} is a {weights.reason}, but {self.model_name} builds QuickGELU; "
+                f"use --model {plain}"
+            )
+        return {}
+
     def _check_supported(self) -> None:
         model, name = self.model, self.model_name
         if type(model) is not open_clip.CLIP:
@@ -263,6 +317,8 @@ class ClipEncoder:
             "model_name": self.model_name,
             "weights_id": self.weights_id,
             "quick_gelu": self.quick_gelu,
+            "clip_activation": "quick_gelu" if self.quick_gelu else "gelu",
+            "logit_scale": self.logit_scale,  # CLIP's temperature (log) in these weights
             "image_size": self.image_size,
             "grid": self.grid,
             "num_tokens": self.num_tokens,

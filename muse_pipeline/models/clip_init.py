@@ -14,6 +14,9 @@ Rule when it cannot be done:
   copied and the rest stay random, as CLIP4Clip's own copy loop does; recorded;
 - pretrained CLIP whose weights cannot be loaded or are not the cache's: a UserError (never a silent
   fallback that would change the recipe).
+The two fallbacks for pretrained CLIP (misfit, fewer layers) are not the paper's recipe: the plan's
+`warning` says so in one line, which `muse train` prints (random-init CLIP is a deliberate choice and
+is only recorded).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class SeqTransfInit:
     pretrained: str | None = None  # its tag or weights file
     weights: str | None = None  # its weights identity (tag or sha256)
     copied_layers: int = 0  # seqTransf layers 0..copied_layers-1 start as CLIP's text layers
+    warning: str | None = None  # for the console: pretrained CLIP, yet (partly) random init
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,8 +68,9 @@ def plan_seqtransf_init(
 
     from muse_pipeline.encoders.clip import RANDOM_INIT, register_tiny_config
 
-    def random(reason: str) -> SeqTransfInit:
-        return SeqTransfInit(False, default_heads(dim), "quick_gelu", f"random init: {reason}")
+    def random(reason: str, warn: bool = False) -> SeqTransfInit:
+        warning = f"seqTransf starts from random init, not CLIP's text layers: {reason}" if warn else None
+        return SeqTransfInit(False, default_heads(dim), "quick_gelu", f"random init: {reason}", warning=warning)
 
     if weights_id == RANDOM_INIT or str(weights_id).startswith("random") or pretrained is None:
         return random(f"CLIP {model_name} is random-init (no pretrained text tower to copy); NOT CLIP4Clip's recipe")
@@ -86,21 +91,36 @@ def plan_seqtransf_init(
     if text.width % text.heads:
         misfits.append(f"text width {text.width} not divisible by {text.heads} heads")
     if misfits:
-        return random(f"CLIP {model_name}'s text tower does not fit seqTransf ({'; '.join(misfits)})")
+        return random(f"CLIP {model_name}'s text tower does not fit seqTransf ({'; '.join(misfits)})", warn=True)
     act = "quick_gelu" if quick_gelu else "gelu"
     copied = min(layers, text.layers)
     rest = "" if copied == layers else f" (only {text.layers} text layers: layers {copied}-{layers - 1} random)"
     note = (f"CLIP4Clip init: layers 0-{copied - 1} = {model_name} ({pretrained}) text Transformer layers "
             f"0-{copied - 1}{rest}, frame position embeddings = its positional_embedding[:{max_frames}], "
             f"{text.heads} heads, {act}")
-    return SeqTransfInit(True, int(text.heads), act, note, model_name, str(pretrained), str(weights_id), copied)
+    warning = None if copied == layers else (
+        f"seqTransf layers {copied}-{layers - 1} start from random init: CLIP {model_name} has only {text.layers} "
+        f"text layers to copy (CLIP4Clip copies {layers})")
+    return SeqTransfInit(True, int(text.heads), act, note, model_name, str(pretrained), str(weights_id), copied,
+                         warning)
 
 
 def load_text_source(plan: SeqTransfInit) -> nn.Module:
-    """The open_clip CLIP model to copy from (on the CPU); ClipWeightsError unless its weights are the
-    ones the plan (i.e. the cache) names."""
-    from muse_pipeline.encoders.clip import ClipEncoder
+    """The open_clip CLIP model to copy from (on the CPU); ClipWeightsError (one line naming the file
+    and what to do) unless its weights are the ones the plan (i.e. the cache) names."""
+    import os
 
+    from muse_pipeline.encoders.clip import ClipEncoder, file_sha256
+
+    source = plan.pretrained or ""
+    digest = file_sha256(source) if os.path.isfile(source) else None
+    if digest is not None and digest != plan.weights:
+        # checked before loading: a file replaced after extraction (even by junk) is named as such
+        raise ClipWeightsError(
+            f"{source} is not the CLIP the cache was extracted with (sha256 {digest[:12]}... vs the "
+            f"fingerprint's {str(plan.weights)[:12]}...): it changed after extraction; restore the original "
+            "weights file, or train another head"
+        )
     try:
         encoder = ClipEncoder(plan.model or "", pretrained=plan.pretrained, device="cpu")
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:

@@ -22,6 +22,18 @@ LOGIT_SCALE_PRETRAINED = math.log(100.0)  # spec section 7, CLIP pretrained
 LOGIT_SCALE_SCRATCH = math.log(1.0 / 0.07)
 
 
+def initial_logit_scale(clip_info: dict[str, Any] | None, random_init: bool) -> float:
+    """Where a new run's logit_scale starts (spec section 7: CLIP's own, clamped <= ln 100).
+
+    clip_info: the encoder's `describe()` (a cache fingerprint's "encoder"); its "logit_scale" is the
+    value in the CLIP weights the features came from. Caches extracted before that was recorded keep
+    the spec's defaults: ln(100) for pretrained CLIP, ln(1/0.07) for random init."""
+    recorded = (clip_info or {}).get("logit_scale")
+    if recorded is None:
+        return LOGIT_SCALE_SCRATCH if random_init else LOGIT_SCALE_PRETRAINED
+    return min(float(recorded), MAX_LOGIT_SCALE)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a RetrievalModel (saved in runs/<name>/config.json)."""

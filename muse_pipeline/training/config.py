@@ -14,7 +14,15 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults are the paper's recipe (spec section 7); presets fill the dataset values."""
+    """One training run. Defaults are the paper's recipe (spec section 7); presets fill the dataset values.
+
+    Epochs: every epoch is a fresh seeded permutation of the n training pairs cut into global batches
+    of `batch_size` with drop_last, so each epoch trains floor(n / batch_size) batches and skips the
+    n mod batch_size pairs at the end of its permutation (a different set each epoch).
+    Protocol: a selection run keeps the epoch with the best validation t2v R@1 (`best.safetensors`);
+    a `refit` run retrains on every training video for the number of epochs selection chose and keeps
+    the last epoch (no validation selects anything in it).
+    """
 
     dataset: str = "synthetic"
     head: str = "muse"
@@ -81,6 +89,14 @@ class TrainConfig:
         if "betas" in base:
             base["betas"] = tuple(base["betas"])
         return cls(**base)
+
+    def refit_note(self, n_pairs: int) -> str:
+        """What a refit run does, in one line for the console (n_pairs: its training pairs)."""
+        skipped = n_pairs % self.batch_size
+        dropped = (f"; {skipped} of the {n_pairs} pairs are left out of each epoch by drop_last "
+                   "(a different set each epoch)" if skipped else "")
+        return (f"refit: training on all {n_pairs} training pairs for {self.epochs} epoch(s) (the count "
+                f"validation selected); no selection, the last epoch is kept (best = last){dropped}")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)

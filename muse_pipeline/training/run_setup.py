@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -26,6 +27,8 @@ from muse_pipeline.training.distributed import DistContext, broadcast_object
 from muse_pipeline.training.loop import seed_everything
 
 # Fields a resumed run may change: they do not affect the weights.
+log = logging.getLogger(__name__)
+
 RESUME_FREE = {"num_workers", "log_every"}
 
 
@@ -125,8 +128,10 @@ def resumed_configs(saved: dict, train_overrides: dict, head: str | None) -> tup
 
 
 def new_model_config(cfg: TrainConfig, dim: int, grid: int, random_init: bool,
-                      model_overrides: dict | None) -> dict:
-    from muse_pipeline.models.retrieval import LOGIT_SCALE_PRETRAINED, LOGIT_SCALE_SCRATCH
+                     model_overrides: dict | None, clip_info: dict | None = None) -> dict:
+    """`clip_info`: the encoder's description (a cache fingerprint's "encoder"); its recorded
+    `logit_scale` is the temperature's starting point (spec: initialised from CLIP)."""
+    from muse_pipeline.models.retrieval import initial_logit_scale
 
     return {
         "head": cfg.head,
@@ -134,7 +139,7 @@ def new_model_config(cfg: TrainConfig, dim: int, grid: int, random_init: bool,
         "grid": grid,
         "max_frames": cfg.frames,
         "text_adapter": cfg.text_adapter,
-        "logit_scale_init": LOGIT_SCALE_SCRATCH if random_init else LOGIT_SCALE_PRETRAINED,
+        "logit_scale_init": initial_logit_scale(clip_info, random_init),
         **(model_overrides or {}),
     }
 
@@ -149,9 +154,10 @@ def clip_source_of(fp: dict) -> dict:
     }
 
 
-def seqtransf_plan(model_cfg: dict, source: dict):
+def seqtransf_plan(model_cfg: dict, source: dict, announce: bool = False):
     """For a new seqTransf run: decide CLIP4Clip's init (spec section 6) and fix the geometry it needs
-    (heads, activation) in `model_cfg` before the model is built. None for other heads."""
+    (heads, activation) in `model_cfg` before the model is built. None for other heads. With `announce`,
+    a fallback to random init (a text tower that does not fit) is said on the console."""
     from muse_pipeline.models.clip_init import ClipWeightsError, plan_seqtransf_init
 
     if model_cfg["head"] != "seqTransf":
@@ -167,6 +173,8 @@ def seqtransf_plan(model_cfg: dict, source: dict):
         weights_id=source["weights"], quick_gelu=source["quick_gelu"], dim=int(model_cfg["dim"]),
         layers=int(model_cfg.get("transformer_layers", 4)), max_frames=int(model_cfg["max_frames"]),
     )
+    if announce and plan.warning:
+        log.warning("%s", plan.warning)
     model_cfg.setdefault("transformer_heads", plan.heads)
     model_cfg.setdefault("transformer_act", plan.act)
     return plan
