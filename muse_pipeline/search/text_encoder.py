@@ -184,6 +184,8 @@ def export_text_encoder(clip_model: Any, folder: Path | str, *, model_name: str,
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         atomic_write_json(tmp / CONFIG_FILE, {"format": TEXT_ENCODER_FORMAT, "format_version": TEXT_ENCODER_VERSION,
                                               **asdict(config)})
+        for name in (WEIGHTS_FILE, CONFIG_FILE):  # readable like the index's other files (a server may run as another user)
+            (tmp / name).chmod(0o644)
         _check_export(TextEncoder.load(tmp), clip_model)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
