@@ -31,6 +31,7 @@ from muse_pipeline.search.text_encoder import (
     TEXT_ENCODER_DIR,
     TextEncoder,
     TextEncoderError,
+    ensure_text_encoder,
     export_text_encoder,
     find_text_encoder,
 )
@@ -176,6 +177,21 @@ def test_an_export_of_another_clip_is_not_used(caption_index) -> None:
     gen = out / "gen-000001"
     gen.mkdir()
     assert find_text_encoder(gen, RANDOM_INIT_CLIP) == out / TEXT_ENCODER_DIR
+
+
+def test_export_is_written_once_per_index_root(caption_index) -> None:
+    """ensure_text_encoder keeps a matching export untouched and replaces one of another CLIP."""
+    out, _ = caption_index
+    weights = out / TEXT_ENCODER_DIR / "weights.safetensors"
+    inode = weights.stat().st_ino
+    assert ensure_text_encoder(out, RANDOM_INIT_CLIP) == out / TEXT_ENCODER_DIR
+    assert weights.stat().st_ino == inode  # not rewritten
+    config_path = out / TEXT_ENCODER_DIR / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "weights_id": "another"}))
+    ensure_text_encoder(out, RANDOM_INIT_CLIP)
+    assert json.loads(config_path.read_text())["weights_id"] == "random-init"
+    assert weights.stat().st_ino != inode
 
 
 def imported_modules(importtime_stderr: str) -> set[str]:
