@@ -26,6 +26,7 @@ from open_clip.transformer import VisionTransformer
 
 from muse_pipeline.encoders.weights_identity import RANDOM_INIT, file_sha256
 from muse_pipeline.errors import InputError, UserError
+from muse_pipeline.search.clip_tokenizer import frame_ids
 
 # Directory with this package's open_clip model configs (`muse-tiny`, `muse-tiny-16`).
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -309,8 +310,6 @@ class ClipEncoder:
     # ------------------------------------------------------------------------------------- text
     def tokenize(self, texts: Sequence[str] | str, max_words: int) -> np.ndarray:
         """texts (M) -> int32 [M, W]: `<sot>` + bpe[:W-2] + `<eot>`, zero padded (W = max_words)."""
-        from muse_pipeline.search.clip_tokenizer import frame_ids
-
         return frame_ids(self.tokenizer.encode, texts, max_words, self.sot_id, self.eot_id, self.context_length)
 
     def text_features(self, ids: torch.Tensor) -> torch.Tensor:
