@@ -85,7 +85,6 @@ def search_cmd(
     """Rank the indexed videos against text queries (cosine similarity of trained embeddings)."""
     from rich.table import Table
 
-    from muse_pipeline.search.html import write_html
     from muse_pipeline.search.query import RANDOM_INIT_NOTE, Searcher
 
     if query is None and queries is None:
@@ -113,6 +112,8 @@ def search_cmd(
                               hit["caption"] or "", hit["path"])
             console.print(table)
     if html is not None:
+        from muse_pipeline.search.html import write_html  # thumbnails: PyAV, PIL; only for a page
+
         note = RANDOM_INIT_NOTE if searcher.index.random_init else None
         page = write_html(results[0], html, query=texts[0], note=note)
         (err_console if as_json else console).print(f"wrote {page}")

@@ -17,6 +17,7 @@ from muse_pipeline.errors import InputError
 from muse_pipeline.search.cache_columns import absolute_paths, clip_windows, first_captions
 from muse_pipeline.search.index_format import write_index
 from muse_pipeline.search.query import adapter_state, apply_text_side, check_text_side, clip_record
+from muse_pipeline.search.text_encoder import ensure_text_encoder
 from muse_pipeline.search.topk import APPROX_THRESHOLD, IVF_THRESHOLD, TUNING_QUERIES, plan_search
 
 
@@ -100,4 +101,6 @@ def build_index(
         extra={"head": config["model"]["head"], "head_config": config["model"], "which": which,
                "run_name": run_dir.name, "cache_name": cache_path.name, "dataset": fp.get("dataset")},
     )
+    # The CLIP text tower for queries, once per index root (a query then needs no open_clip).
+    ensure_text_encoder(out, clip, pretrained=pretrained, device=device)
     return out

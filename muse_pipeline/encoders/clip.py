@@ -12,7 +12,6 @@ with `UnsupportedModelError` instead of caching features of a different meaning.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -32,12 +31,13 @@ from muse_pipeline.encoders.weights_file import (
     identify,
     torchscript_state_dict,
 )
+from muse_pipeline.encoders.weights_identity import RANDOM_INIT, file_sha256
 from muse_pipeline.errors import InputError, UserError
+from muse_pipeline.search.clip_tokenizer import frame_ids
 
 # Directory with this package's open_clip model configs (`muse-tiny`, `muse-tiny-16`).
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 TINY_MODEL = "muse-tiny"
-RANDOM_INIT = "random-init"
 # Random initialisation is seeded so that every process (e.g. each extraction worker) that builds
 # the same model name with `pretrained=None` gets the same weights: the cache fingerprint says
 # "random-init" and that must name one set of weights.
@@ -73,14 +73,6 @@ def register_tiny_config() -> None:
     """
     if TINY_MODEL not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
-
-
-def file_sha256(path: str | os.PathLike[str], block_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(block_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _looks_like_path(value: str) -> bool:
@@ -374,15 +366,7 @@ class ClipEncoder:
     # ------------------------------------------------------------------------------------- text
     def tokenize(self, texts: Sequence[str] | str, max_words: int) -> np.ndarray:
         """texts (M) -> int32 [M, W]: `<sot>` + bpe[:W-2] + `<eot>`, zero padded (W = max_words)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not 3 <= max_words <= self.context_length:
-            raise InputError(f"max_words (--words) must be in [3, {self.context_length}], got {max_words}")
-        out = np.zeros((len(texts), max_words), dtype=np.int32)
-        for row, text in enumerate(texts):
-            ids = [self.sot_id, *self.tokenizer.encode(text)[: max_words - 2], self.eot_id]
-            out[row, : len(ids)] = ids
-        return out
+        return frame_ids(self.tokenizer.encode, texts, max_words, self.sot_id, self.eot_id, self.context_length)
 
     def text_features(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [M, W] -> [M, D] on the model's device, differentiable.

@@ -4,6 +4,9 @@
 - `topk`: exact top-k (fast paths beside `exact_topk_ref`), the search plan, faiss build and tuning.
 - `index_format`: the index folder's on-disk format (writer, reader); its docstring is the contract.
 - `cache_columns`: the per-video columns an index copies from a feature cache (windows, captions, paths).
+- `clip_tokenizer`: CLIP's BPE tokenizer loaded without the open_clip package (`ClipTokenizer`).
+- `text_encoder`: the CLIP text tower in plain torch, exported into the index root at build time
+  (`export_text_encoder`, `TextEncoder.load`, `ensure_text_encoder`): queries need no open_clip.
 - `query`: the index's text side (CLIP source, text adapter), `QueryEncoder` and `Searcher`.
 - `html`: the self-contained results page of `muse search --html`.
 - `app`: the `muse serve` web app (FastAPI) and its runner; the page is `static/`.

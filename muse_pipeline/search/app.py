@@ -20,9 +20,11 @@ own script, style, images and media).
 
 from __future__ import annotations
 
+import errno
 import html
 import logging
 import mimetypes
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 THUMB_FRAMES = 4
 THUMB_HEIGHT = 96
 THUMB_CACHE = 512  # strips kept in memory (~10 KB each)
+LISTEN_BACKLOG = 128  # connections the kernel queues while the server loads
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
@@ -194,8 +197,37 @@ def create_app(searcher: Searcher):
     return app
 
 
-def run_app(app, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Answer requests to `app` on host:port (uvicorn, warnings only) until interrupted."""
+def bind_listener(host: str = "127.0.0.1", port: int = 8080) -> socket.socket:
+    """A listening TCP socket on host:port, bound before anything slow loads: connections that arrive
+    while the index and the text tower load wait in its backlog and are answered once `run_app`
+    starts. A port in use or a host that cannot be bound is a one-line UserError."""
+    from muse_pipeline.errors import UserError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot bind host {host!r} ({exc.strerror}); pass --host with an address of "
+                        "this machine") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        what = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+        raise UserError(f"port {port} on {host} {what}; pass another --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_app(app, host: str = "127.0.0.1", port: int = 8080, sock: socket.socket | None = None) -> None:
+    """Answer requests to `app` on host:port (uvicorn, warnings only) until interrupted; on `sock`
+    (from `bind_listener`) where given, else on a socket uvicorn binds itself."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if sock is None:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])

@@ -14,6 +14,8 @@ INDEX/
   windows.npy              [N, 2] float64 clip window (start, end) in seconds; NaN = not set
   text_adapter.safetensors the run's text adapter (fc.weight [D, D], fc.bias [D] float32); absent = identity
   ann.faiss                the approximate index (only when search.kind != "exact")
+  text-encoder/            the CLIP text tower queries run (`text_encoder`; written by `muse index`
+                           once per index root; absent in older indexes: queries then use open_clip)
 ```
 
 A string column NAME is `NAME.bin` (the UTF-8 strings back to back) and `NAME.off.npy` ([N+1]
@@ -212,7 +214,7 @@ class VideoIndex:
     @property
     def random_init(self) -> bool:
         """Whether the index's CLIP is the seeded random init (its words mean nothing)."""
-        from muse_pipeline.encoders.clip import RANDOM_INIT
+        from muse_pipeline.encoders.weights_identity import RANDOM_INIT
 
         return self.meta["clip"].get("weights_id") == RANDOM_INIT
 

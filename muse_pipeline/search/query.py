@@ -3,7 +3,8 @@
 Text side (what `build_index` stores and a query replays): CLIP's text tower (open_clip model name
 and the weights the cache was made with: an open_clip tag, a local file named by absolute path and
 checked by size and sha256, or the seeded random init) -> the run's text adapter `t + W t + b`
-(fc.weight [D, D], fc.bias [D]; none = identity) -> L2 normalisation.
+(fc.weight [D, D], fc.bias [D]; none = identity) -> L2 normalisation. The index build exports the
+text tower into the index root (`text_encoder`), so a query normally never imports open_clip.
 
 - `clip_record(fingerprint, pretrained)`: the index.json `clip` record of a cache's CLIP (build side);
   `clip_source(record, index_path, override)`: the `pretrained` argument that rebuilds it (query side).
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from muse_pipeline.encoders.clip import RANDOM_INIT, ClipEncoder, file_sha256
+from muse_pipeline.encoders.weights_identity import RANDOM_INIT, file_sha256
 from muse_pipeline.errors import InputError
 from muse_pipeline.search.index_format import IndexFormatError, VideoIndex
 from muse_pipeline.search.limits import DEFAULT_K, check_k, check_query
@@ -122,10 +123,27 @@ def check_text_side(model: Any, adapter: dict[str, np.ndarray] | None, dim: int)
 
 
 class QueryEncoder:
-    """The index's text side: CLIP text tower + stored adapter. texts (Q) -> [Q, D] unit rows."""
+    """The index's text side: CLIP text tower + stored adapter. texts (Q) -> [Q, D] unit rows.
+
+    The tower is the index root's export (`text_encoder`: no open_clip import, no image tower)
+    when it holds the index's CLIP; otherwise (an index built before exports, or a `pretrained`
+    override) the whole CLIP is built through open_clip as `ClipEncoder`. `source` says which:
+    "export" or "open_clip".
+    """
 
     def __init__(self, index: VideoIndex, device: str = "cpu", pretrained: str | None = None) -> None:
         clip = index.meta["clip"]
+        self.words = int(index.meta["words"])
+        self.adapter = index.adapter
+        from muse_pipeline.search.text_encoder import TextEncoder, find_text_encoder
+
+        exported = find_text_encoder(index.path, clip) if pretrained is None else None
+        if exported is not None:
+            self.encoder = TextEncoder.load(exported, device=device)
+            self.source = "export"
+            return
+        from muse_pipeline.encoders.clip import ClipEncoder
+
         source = clip_source(clip, index.path, pretrained)
         if source is None:  # open_clip warns "initialized randomly" on the root logger; we say it ourselves
             previous = logging.root.manager.disable
@@ -139,8 +157,7 @@ class QueryEncoder:
         if self.encoder.weights_id != clip["weights_id"]:
             raise IndexFormatError(f"CLIP weights {self.encoder.weights_id!r} differ from the index's "
                               f"{clip['weights_id']!r}; rebuild the index or pass the right --pretrained")
-        self.words = int(index.meta["words"])
-        self.adapter = index.adapter
+        self.source = "open_clip"
 
     def encode(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         out = []
