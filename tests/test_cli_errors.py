@@ -122,9 +122,10 @@ def test_cuda_without_a_gpu(data_root, work):
 
     if torch.cuda.is_available():
         pytest.skip(reason="a CUDA GPU is visible: --device cuda is valid here")
+    before = _listing(work)
     result = CliRunner().invoke(app, _extract(data_root, "--device", "cuda"))
     _check_one_error_line(result, "no CUDA GPU")
-    assert _listing(work) == _listing(work) and not (work / "out").exists()
+    assert _listing(work) == before and not (work / "out").exists()
 
 
 def test_read_only_output(data_root, work, monkeypatch):

@@ -219,6 +219,25 @@ def test_second_extract_on_a_store_is_refused_and_a_dead_holder_is_taken_over(
     _assert_identical(out, reference_store)
 
 
+def test_the_lock_itself_refuses_a_run_that_passed_the_early_check(synth, tmp_path, monkeypatch):
+    """Two runs start together: both pass the quick `ensure_unlocked` check, one takes the lock. The
+    other must be refused by `StoreLock.acquire` itself, before it creates or writes anything."""
+    import os
+
+    import muse_pipeline.cache.lock as lock
+    from muse_pipeline.cache.lock import StoreLock, StoreLocked
+
+    out = tmp_path / "raced.zarr"
+    monkeypatch.setattr(lock, "ensure_unlocked", lambda store: None)  # the race: the early check passed
+    with StoreLock(out):  # the other run (flock conflicts between open files, also in one process)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        with pytest.raises(StoreLocked, match=f"pid {os.getpid()}"):
+            run_extract(_cfg(synth, out))
+        assert sorted(p.name for p in tmp_path.iterdir()) == before == ["raced.zarr.lock"]
+    summary = run_extract(_cfg(synth, out))  # once the holder is gone, the same run goes through
+    assert summary.n_cached == 8
+
+
 def test_decoder_warnings_reach_the_ledger(synth, tmp_path, monkeypatch):
     """The extractor records what decode_clip_report says it had to patch (stand-in decoder here:
     the decoder's own tests cover when it warns); the video stays cached and `cache info` shows it."""

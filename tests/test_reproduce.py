@@ -94,11 +94,20 @@ def test_reproduce_msrvtt_target_on_a_fake_msrvtt(tmp_path):
     assert "DSL off" in page and '"clip_lr": 1e-07' in page and "bf16 autocast ran: False" in page
 
 
+def _results_state(folder: Path) -> dict[str, int]:
+    """name -> mtime_ns of what `folder` holds (empty when it does not exist)."""
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} if folder.is_dir() else {}
+
+
 def test_reproduce_without_data_says_where_to_get_it(tmp_path):
+    # `make -C REPO` runs the command in the repository: its default results/ is REPO/results
+    where = REPO / "results"
+    before = _results_state(where)
     proc = _make("reproduce-msrvtt", f"MSRVTT_ROOT={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert proc.returncode != 0
     message = " ".join(proc.stderr.split())  # rich wraps long lines
     assert "MSRVTT_JSFUSION_test.csv" in message and "videos/all" in message
+    assert _results_state(where) == before, "a refused reproduction must write no results"
     assert not (tmp_path / "results").exists()
 
 
