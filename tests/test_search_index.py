@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from search_helpers import CAPTIONS, FP, RANDOM_INIT_CLIP, TINY_D, TINY_T, FakeRun, brute_order, caption_store
 from test_evaluate import _real_meanp_run
 
 import muse_pipeline.models.checkpoint as checkpoint
+from muse_pipeline.cache.store import FeatureCache
 from muse_pipeline.errors import InputError, UserError
 from muse_pipeline.evaluation.embed import embed_videos
 from muse_pipeline.search.cache_columns import clip_windows
@@ -122,9 +124,20 @@ def test_windows_from_clip_ids_and_media_path_fallback(tmp_path: Path, tiny_clip
         (videos / f"clip{i}.webm").write_bytes(b"x")
     ids = ["a@1.5-4", "b@-3", "c", "d@2-", "e", "f"]
     cache = caption_store(tmp_path, tiny_clip, ids=ids, paths=[str(videos / f"clip{i}.webm") for i in range(6)])
-    w = clip_windows(cache, np.arange(5))
-    np.testing.assert_array_equal(w[0], [1.5, 4.0])
-    assert np.isnan(w[1, 0]) and w[1, 1] == 3.0 and np.isnan(w[2]).all() and w[3, 0] == 2.0
+    # A store records each clip's window (extraction writes them from the dataset's clips) ...
+    group = zarr.open_group(str(cache.path), mode="r+")
+    group["videos/start"][:] = [1.5, np.nan, np.nan, 2.0, np.nan, np.nan]
+    group["videos/end"][:] = [4.0, 3.0, np.nan, np.nan, np.nan, np.nan]
+    # ... and a store made before it did is read by the rules of its ids
+    legacy = tmp_path / "legacy.zarr"
+    shutil.copytree(cache.path, legacy)
+    legacy_group = zarr.open_group(str(legacy), mode="r+")
+    del legacy_group["videos/start"], legacy_group["videos/end"]
+    for store in (cache.path, legacy):
+        w = clip_windows(FeatureCache.open(store), np.arange(5))
+        np.testing.assert_array_equal(w[0], [1.5, 4.0])
+        assert np.isnan(w[1, 0]) and w[1, 1] == 3.0 and np.isnan(w[2]).all() and w[3, 0] == 2.0
+    assert FeatureCache.open(cache.path).has_windows and not FeatureCache.open(legacy).has_windows
     # An index moved together with its videos finds them through the relative paths.
     out = write_index(tmp_path / "idx", np.eye(5, TINY_D, dtype=np.float32), ids=ids[:5],
                       paths=[str(videos / f"clip{i}.webm") for i in range(5)], windows=w,
