@@ -15,12 +15,20 @@ from muse_pipeline.search.topk import APPROX_THRESHOLD
 
 
 def index_cmd(
-    run_dir: Path = typer.Argument(..., help="Run directory of `muse train` (its text side goes into the index)."),
-    cache: Path = typer.Option(
-        None, help="Feature cache whose videos to index.", show_default="the run's own cache"
+    run_dir: Path = typer.Argument(
+        None, help="Run directory of `muse train` (its head and text side go into the index). Without a "
+        "run: a zero-shot CLIP index (mean of each video's frame embeddings; needs --cache and --out).",
+        show_default="none: zero-shot CLIP",
     ),
-    out: Path = typer.Option(None, help="Index folder to write.", show_default="<run_dir>/index"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index folder.", show_default="off"),
+    cache: Path = typer.Option(
+        None, help="Feature cache whose videos to index (another cache than the run's needs the same CLIP "
+        "model and weights).", show_default="the run's own cache",
+    ),
+    out: Path = typer.Option(None, help="Index folder to write or update.", show_default="<run_dir>/index"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an index of another run, cache or CLIP (or a damaged one) "
+        "and embed every video again.", show_default="off: update an index of the same run and cache",
+    ),
     exact: bool = typer.Option(
         False, "--exact", help="Always score every video; no approximate (faiss) index, whatever the size.",
         show_default=f"off: approximate from {APPROX_THRESHOLD:,} videos",
@@ -33,20 +41,29 @@ def index_cmd(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     batch_size: int = typer.Option(64, help="Videos per forward pass (count)."),
 ) -> None:
-    """Embed every cached video once; write a self-contained index folder for `muse search` / `muse serve`.
+    """Embed every cached video once; publish a self-contained index for `muse search` / `muse serve`.
 
-    The folder holds the video embeddings, ids, source paths, clip windows, captions, and the text side (CLIP model and weights, the run's text adapter): it keeps working when moved or copied.
+    The folder holds the video embeddings, ids, source paths, moments (clip windows), captions, and the text side (CLIP model and weights, the run's text adapter): it keeps working when moved or copied. Run again on the same folder after `muse extract` picked up new, changed or removed files: it publishes a new generation, embedding only the new videos (a running `muse serve` switches to it).
     """
-    from muse_pipeline.search.index_format import VideoIndex
+    from muse_pipeline.search.generations import open_index
     from muse_pipeline.stages.search import build_index
 
-    path = build_index(run_dir, cache, out, pretrained=pretrained, which=which, batch_size=batch_size,
-                       device=device, exact=exact, overwrite=overwrite)
-    index = VideoIndex(path)
+    built = build_index(run_dir, cache, out, pretrained=pretrained, which=which, batch_size=batch_size,
+                        device=device, exact=exact, overwrite=overwrite)
+    for note in built.notes:
+        err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True, highlight=False)
+    index = open_index(built.path)
     search = index.meta["search"]
     params = ", ".join(f"{k} {v}" for k, v in search["params"].items())
-    console.print(f"indexed {len(index)} videos -> {path} (search: {search['kind']}"
-                  + (f"; {params}" if params else "") + ")")
+    kind = search["kind"] + (f"; {params}" if params else "")
+    if not built.published:
+        console.print(f"index {built.path} is up to date ({built.generation}, {built.n_videos} videos): "
+                      "nothing new, changed or removed in the cache", soft_wrap=True)
+        return
+    faiss = {"none": "exact search, no faiss index", "updated": "faiss index updated (new rows added)",
+             "rebuilt": "faiss index rebuilt"}[built.faiss]
+    console.print(f"indexed {built.n_videos} videos -> {built.path} ({built.generation}: {built.added} embedded, "
+                  f"{built.kept} copied, {built.removed} removed; {faiss}) (search: {kind})", soft_wrap=True)
 
 
 def _read_queries(path: Path) -> list[str]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from muse_pipeline.encoders.clip import RANDOM_INIT, ClipEncoder, file_sha256
 from muse_pipeline.errors import InputError
+from muse_pipeline.search.generations import open_index
 from muse_pipeline.search.index_format import IndexFormatError, VideoIndex
 from muse_pipeline.search.limits import DEFAULT_K, check_k, check_query
 
@@ -122,12 +123,18 @@ def check_text_side(model: Any, adapter: dict[str, np.ndarray] | None, dim: int)
 
 
 class QueryEncoder:
-    """The index's text side: CLIP text tower + stored adapter. texts (Q) -> [Q, D] unit rows."""
+    """The index's text side: CLIP text tower + stored adapter. texts (Q) -> [Q, D] unit rows.
 
-    def __init__(self, index: VideoIndex, device: str = "cpu", pretrained: str | None = None) -> None:
+    clip_encoder: a loaded ClipEncoder to reuse (a server's next generation with the same CLIP);
+    it must have the index's weights id."""
+
+    def __init__(self, index: VideoIndex, device: str = "cpu", pretrained: str | None = None,
+                 clip_encoder: ClipEncoder | None = None) -> None:
         clip = index.meta["clip"]
-        source = clip_source(clip, index.path, pretrained)
-        if source is None:  # open_clip warns "initialized randomly" on the root logger; we say it ourselves
+        source = None if clip_encoder is not None else clip_source(clip, index.path, pretrained)
+        if clip_encoder is not None:
+            self.encoder = clip_encoder
+        elif source is None:  # open_clip warns "initialized randomly" on the root logger; we say it ourselves
             previous = logging.root.manager.disable
             logging.disable(logging.WARNING)
             try:
@@ -151,11 +158,20 @@ class QueryEncoder:
 
 
 class Searcher:
-    """An index with its query encoder, loaded once for many queries (CLI batches, the server)."""
+    """An index with its query encoder, loaded once for many queries (CLI batches, the server).
 
-    def __init__(self, index_path: Path | str, device: str = "cpu", pretrained: str | None = None) -> None:
-        self.index = VideoIndex(index_path).load()
-        self.encoder = QueryEncoder(self.index, device=device, pretrained=pretrained)
+    index_path: an index root (its current generation is read, `generations.open_index`) or one
+    generation folder. `reuse`: a Searcher whose CLIP text tower this one may share (same weights)."""
+
+    def __init__(self, index_path: Path | str, device: str = "cpu", pretrained: str | None = None,
+                 reuse: Searcher | None = None) -> None:
+        self.index = open_index(index_path).load()
+        clip = self.index.meta["clip"]
+        shared = None
+        if reuse is not None and reuse.index.meta["clip"].get("weights_id") == clip.get("weights_id") \
+                and reuse.index.meta["clip"].get("model") == clip.get("model"):
+            shared = reuse.encoder.encoder
+        self.encoder = QueryEncoder(self.index, device=device, pretrained=pretrained, clip_encoder=shared)
 
     def search(self, queries: Sequence[str], top_k: int = DEFAULT_K, *,
                exact: bool = False) -> list[list[dict[str, Any]]]:
