@@ -82,26 +82,33 @@ def _read_queries(path: Path) -> list[str]:
 def search_cmd(
     query: str = typer.Argument(None, help="What to look for, in words (or give --queries FILE)."),
     index: Path = typer.Option(..., help="Index folder written by `muse index`."),
-    top_k: int = typer.Option(DEFAULT_K, "--top-k", "-k", help="Hits per query (count)."),
+    top_k: int = typer.Option(DEFAULT_K, "--top-k", "-k", help="Hits per query (count; files with --group)."),
     queries: Path = typer.Option(
         None, help="File with one query per line ('-': standard input); embedded in batches.",
         show_default="only QUERY",
     ),
+    group: bool = typer.Option(
+        False, "--group", "--per-video", help="One entry per video file (the best K files), each with its "
+        "matching moments, best first.", show_default="off: one entry per moment",
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON lines instead of a table: one object per hit "
-        "(query, rank, id, path, start, end, score, caption; start/end in seconds).", show_default="off: a table",
+        "(query, rank, id, source, path, start, end, score, caption, missing; start/end in seconds); with "
+        "--group one per file (query, rank, source, path, score, missing, moments).",
+        show_default="off: a table",
     ),
-    html: Path = typer.Option(None, help="Also write a self-contained HTML page with thumbnails.",
-                              show_default="no page"),
+    html: Path = typer.Option(None, help="Also write a self-contained HTML page with thumbnails and a "
+                              "player at each moment.", show_default="no page"),
     exact: bool = typer.Option(False, "--exact", help="Score every video even if the index is approximate.",
                                show_default="off: the index's own search"),
     pretrained: str = typer.Option(None, help="CLIP weights file to use instead of the one the index names.",
                                    show_default="the index's"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
 ) -> None:
-    """Rank the indexed videos against text queries (cosine similarity of trained embeddings)."""
-    from rich.table import Table
+    """Rank the indexed moments against text queries (cosine similarity of the index's embeddings).
 
+    Each hit is a moment of a video file (start-end seconds; the whole file for short clips). A hit whose file no longer exists is kept and marked missing.
+    """
     from muse_pipeline.search.html import write_html
     from muse_pipeline.search.query import RANDOM_INIT_NOTE, Searcher
 
@@ -110,29 +117,60 @@ def search_cmd(
     texts = ([query] if query is not None else []) + (_read_queries(queries) if queries is not None else [])
     check_k(top_k, "--top-k")
     searcher = Searcher(index, device=device, pretrained=pretrained)
-    results = searcher.search(texts, top_k, exact=exact)
+    if group:
+        grouped = searcher.search_grouped(texts, top_k, exact=exact)
+        results = [[m for g in groups for m in g["moments"]] for groups in grouped]
+    else:
+        results = searcher.search(texts, top_k, exact=exact)
     if searcher.index.random_init:
         err_console.print(f"[yellow]note:[/] {RANDOM_INIT_NOTE}", soft_wrap=True, highlight=False)
     if as_json:
         out = sys.stdout
-        for text, hits in zip(texts, results, strict=True):
-            for hit in hits:
-                out.write(json.dumps({"query": text, **hit}, ensure_ascii=False) + "\n")
+        for text, hits, groups in zip(texts, results, grouped if group else results, strict=True):
+            for item in groups if group else hits:
+                out.write(json.dumps({"query": text, **item}, ensure_ascii=False) + "\n")
+    elif group:
+        _print_groups(texts, grouped)
     else:
-        for text, hits in zip(texts, results, strict=True):
-            table = Table(title=f"top {len(hits)} for {text!r}", title_justify="left")
-            for col in ("#", "score", "id", "window (s)", "caption", "file"):
-                table.add_column(col, justify="right" if col in ("#", "score") else "left")
-            for hit in hits:
-                window = "whole" if not hit["start"] and hit["end"] is None else \
-                    f"{hit['start']:g}-" + ("end" if hit["end"] is None else f"{hit['end']:g}")
-                table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", hit["id"], window,
-                              hit["caption"] or "", hit["path"])
-            console.print(table)
+        _print_hits(texts, results)
     if html is not None:
         note = RANDOM_INIT_NOTE if searcher.index.random_init else None
         page = write_html(results[0], html, query=texts[0], note=note)
         (err_console if as_json else console).print(f"wrote {page}")
+
+
+def _file_cell(hit: dict) -> str:
+    return hit["path"] + (" (missing)" if hit.get("missing") else "")
+
+
+def _print_hits(texts: list[str], results: list[list[dict]]) -> None:
+    from rich.table import Table
+
+    from muse_pipeline.search.moments import moment_label
+
+    for text, hits in zip(texts, results, strict=True):
+        table = Table(title=f"top {len(hits)} for {text!r}", title_justify="left")
+        for col in ("#", "score", "moment", "id", "caption", "file"):
+            table.add_column(col, justify="right" if col in ("#", "score") else "left")
+        for hit in hits:
+            table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", moment_label(hit["start"], hit["end"]),
+                          hit["id"], hit["caption"] or "", _file_cell(hit))
+        console.print(table)
+
+
+def _print_groups(texts: list[str], grouped: list[list[dict]]) -> None:
+    from rich.table import Table
+
+    from muse_pipeline.search.moments import moment_label
+
+    for text, groups in zip(texts, grouped, strict=True):
+        table = Table(title=f"top {len(groups)} files for {text!r}", title_justify="left")
+        for col in ("#", "best", "file", "moments (score)"):
+            table.add_column(col, justify="right" if col in ("#", "best") else "left")
+        for g in groups:
+            moments = ", ".join(f"{moment_label(m['start'], m['end'])} ({m['score']:.3f})" for m in g["moments"])
+            table.add_row(str(g["rank"]), f"{g['score']:.4f}", _file_cell(g), moments)
+        console.print(table)
 
 
 def serve_cmd(

@@ -229,13 +229,23 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
             assert hostile.find_element(By.CSS_SELECTOR, ".caption").text == HOSTILE_CAPTION
             assert not driver.find_elements(By.CSS_SELECTOR, "#grid img[src='x']")
             assert driver.title == "muse search"
-            cards[0].click()
+            # The card labels its moment; a click plays from the moment's start and stops at its end.
+            assert cards[0].find_element(By.CSS_SELECTOR, ".moment").text == "1.0-3.5 s"
             video = driver.find_element(By.ID, "video")
+            driver.execute_script("arguments[0].addEventListener('playing', (e) => "
+                                  "{ window.playedFrom = e.target.currentTime; }, { once: true });", video)
+            cards[0].click()
+            wait.until(lambda d: d.execute_script("return window.playedFrom !== undefined;"))
+            assert abs(driver.execute_script("return window.playedFrom;") - 1.0) < 0.3
             wait.until(lambda d: d.execute_script("const v = arguments[0]; return !v.paused && v.currentTime > 1.0;", video))
             first = driver.execute_script("return arguments[0].currentTime;", video)
             wait.until(lambda d: d.execute_script("return arguments[0].currentTime;", video) > first + 0.2)
             assert driver.execute_script("return arguments[0].dataset.id;", video) == "v2"
             assert driver.execute_script("return arguments[0].error;", video) is None
+            wait.until(lambda d: d.execute_script("return arguments[0].paused;", video))
+            assert 3.5 <= driver.execute_script("return arguments[0].currentTime;", video) < 3.9
+            assert "end of the moment" in driver.find_element(By.ID, "now-playing").text
+            assert driver.find_element(By.ID, "moment-span").is_displayed()
             shot = tmp_path / "page.png"
             assert driver.save_screenshot(str(shot))
         finally:

@@ -28,6 +28,10 @@ from muse_pipeline.errors import InputError
 from muse_pipeline.search.generations import open_index
 from muse_pipeline.search.index_format import IndexFormatError, VideoIndex
 from muse_pipeline.search.limits import DEFAULT_K, check_k, check_query
+from muse_pipeline.search.moments import group_by_source
+
+# --group fetches this many hits per wanted file first (a file has several moments), then doubles.
+GROUP_FETCH = 8
 
 RANDOM_INIT_NOTE = (
     "This index was built with a randomly initialised CLIP (no pretrained weights): words do not mean "
@@ -175,7 +179,7 @@ class Searcher:
 
     def search(self, queries: Sequence[str], top_k: int = DEFAULT_K, *,
                exact: bool = False) -> list[list[dict[str, Any]]]:
-        """One hit list per query (best first): rank, id, path, start, end, score, caption."""
+        """One hit list per query (best first): rank, id, source, path, start, end, score, caption, missing."""
         check_k(top_k, "top_k")
         texts = [check_query(q) for q in queries]
         if not texts:
@@ -185,6 +189,25 @@ class Searcher:
             [self.index.hit(int(r), float(s), rank) for rank, (s, r) in enumerate(zip(sr, rr, strict=True), 1) if r >= 0]
             for sr, rr in zip(scores, rows, strict=True)
         ]
+
+    def search_grouped(self, queries: Sequence[str], top_k: int = DEFAULT_K, *,
+                       exact: bool = False) -> list[list[dict[str, Any]]]:
+        """One list of at most `top_k` source files per query (`moments.group_by_source`): each file's
+        moments best first, files by their best moment. Fetches hits until `top_k` files are found or
+        every row was ranked."""
+        check_k(top_k, "top_k")
+        texts = [check_query(q) for q in queries]
+        out = []
+        for text in texts:
+            fetch = min(len(self.index), top_k * GROUP_FETCH)
+            while True:
+                hits = self.search([text], fetch, exact=exact)[0]
+                groups = group_by_source(hits, top_k)
+                if len(groups) >= top_k or fetch >= len(self.index):
+                    break
+                fetch = min(len(self.index), fetch * 2)
+            out.append(groups)
+        return out
 
     def rank_of(self, query: str, video_id: str) -> int | None:
         """Exact 1-based rank of `video_id` for `query` among all indexed videos (ties count against it)."""
