@@ -34,6 +34,7 @@ from muse_pipeline.search.topk import APPROX_THRESHOLD, IVF_THRESHOLD, TUNING_QU
 from muse_pipeline.search.update import (
     ZERO_SHOT,
     ann_choice,
+    cache_identity,
     extend_ann,
     identity_differences,
     index_identity,
@@ -182,7 +183,7 @@ def build_index(
     clip = clip_record(fp, pretrained)
     embedder = (_zero_shot_embedder(cache) if run_dir is None
                 else _run_embedder(run_dir, model, config, cache, cache_path, which, device))
-    identity = index_identity(embedder.run, cache_path, clip)
+    identity = index_identity(embedder.run, cache_identity(cache_path, fp), clip)
     old, notes = _existing(out, identity, overwrite)
 
     done = np.asarray(cache.read_done())

@@ -8,13 +8,16 @@ their old order, then the new rows by cache row, so an approximate index over th
 valid for them and only needs the new ones added.
 
 An update is allowed only from the same source (`index_identity`: the run and its weights, or
-zero-shot; the cache folder itself, by device and inode, so a cache rebuilt with --overwrite is a
-different cache; the CLIP model and weights). Anything else is a full build under --overwrite.
+zero-shot; the cache folder's path and the fingerprint keys that decide its features, FEATURE_KEYS;
+the CLIP model and weights). Anything else is a full build under --overwrite. A cache re-extracted
+from scratch at the same path with the same settings is the same source: a row with the same id at
+the same cache row is the same file embedded the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,23 +33,33 @@ ZERO_SHOT = "zero-shot-meanP"
 MAX_ANN_GROWTH = 0.5
 
 
-def cache_uid(cache_path: Path) -> str:
-    """The cache folder's identity: device and inode (a cache recreated under the same name differs)."""
-    st = Path(cache_path).stat()
-    return f"{st.st_dev}:{st.st_ino}"
+# The cache fingerprint keys that decide what a row's tokens are (not the annotation checksum, which
+# changes whenever a library gains or loses a file).
+FEATURE_KEYS = ("dataset", "model", "weights", "image_size", "num_tokens", "dim", "frames", "sampling")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_identity(cache_path: Path, fingerprint: dict[str, Any]) -> dict[str, str]:
+    """The cache's identity for updates: its folder (hashed, so index.json points nowhere) and its
+    feature settings (FEATURE_KEYS of its fingerprint, hashed)."""
+    return {"folder": _digest(str(Path(cache_path).resolve())),
+            "features": _digest({k: fingerprint.get(k) for k in FEATURE_KEYS})}
 
 
 def run_identity(run_dir: Path, which: str) -> dict[str, Any]:
     """A run's identity: its folder (hashed, so index.json points nowhere) and its weights' sha256."""
     weights = run_dir / f"{which}.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-    return {"folder": hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16], "which": which,
-            "weights_sha256": digest}
+    return {"folder": _digest(str(run_dir.resolve())), "which": which, "weights_sha256": digest}
 
 
-def index_identity(run: dict[str, Any] | None, cache_path: Path, clip: dict[str, Any]) -> dict[str, Any]:
-    """What must be equal for `muse index` to update an index rather than rebuild it."""
-    return {"run": run if run is not None else ZERO_SHOT, "cache": cache_uid(cache_path),
+def index_identity(run: dict[str, Any] | None, cache: dict[str, str], clip: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal for `muse index` to update an index rather than rebuild it (cache:
+    `cache_identity`)."""
+    return {"run": run if run is not None else ZERO_SHOT, "cache": cache,
             "clip": {"model": clip["model"], "weights_id": clip["weights_id"]}}
 
 
