@@ -181,7 +181,10 @@ def serve_cmd(
                                    show_default="the index's"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
 ) -> None:
-    """Serve a search page and a JSON API over an index (loads the index and CLIP once)."""
+    """Serve a search page and a JSON API over an index (loads the index and CLIP once).
+
+    The server follows the index: when `muse index` publishes a new generation into the folder, the server loads it in the background and answers from it, without a restart. GET /health reports the generation and size.
+    """
     from muse_pipeline.search.query import RANDOM_INIT_NOTE
     from muse_pipeline.stages.serve import serve
 
@@ -191,10 +194,11 @@ def serve_cmd(
         err_console.print(f"[yellow]note:[/] binding {host}: other machines can query this index and "
                           "download its videos", soft_wrap=True)
 
-    def ready(searcher) -> None:
-        console.print(f"serving {len(searcher.index)} videos of {searcher.index.path} at "
-                      f"http://{host}:{port}/ (Ctrl-C stops)", soft_wrap=True)
-        if searcher.index.random_init:
+    def ready(live) -> None:
+        index = live.current().index
+        console.print(f"serving {len(index)} moments of {live.root} ({index.generation}; a new generation "
+                      f"from `muse index` is picked up live) at http://{host}:{port}/ (Ctrl-C stops)", soft_wrap=True)
+        if index.random_init:
             err_console.print(f"[yellow]note:[/] {RANDOM_INIT_NOTE}", soft_wrap=True, highlight=False)
 
     serve(str(index), host=host, port=port, device=device, pretrained=pretrained, on_ready=ready)

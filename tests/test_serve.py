@@ -10,14 +10,17 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from search_helpers import CAPTIONS, RANDOM_INIT_CLIP, unit_text_embeddings, write_moving_bar_video
+from search_helpers import (
+    CAPTIONS,
+    RANDOM_INIT_CLIP,
+    LoopbackServer,
+    unit_text_embeddings,
+    write_moving_bar_video,
+)
 
 from muse_pipeline.search.app import create_app
 from muse_pipeline.search.index_format import write_index
@@ -169,32 +172,6 @@ def _browser() -> tuple[str, str]:
     pytest.skip(reason=reason)
 
 
-class _Server:
-    """uvicorn on a socket bound to a free loopback port, in a thread."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.server.started, "uvicorn did not start"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
 def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
     binary, driver_path = _browser()
     from PIL import Image
@@ -209,7 +186,7 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1200,900", "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(arg)
-    with _Server(served[0]) as server:
+    with LoopbackServer(served[0]) as server:
         driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
         try:
             wait = WebDriverWait(driver, 15)

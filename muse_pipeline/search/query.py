@@ -169,6 +169,7 @@ class Searcher:
 
     def __init__(self, index_path: Path | str, device: str = "cpu", pretrained: str | None = None,
                  reuse: Searcher | None = None) -> None:
+        self.root = Path(index_path)
         self.index = open_index(index_path).load()
         clip = self.index.meta["clip"]
         shared = None
