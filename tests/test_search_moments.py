@@ -127,3 +127,19 @@ def test_cache_columns_durations_and_sources() -> None:
     # Stores made before the arrays: durations unknown, the source is the row id.
     assert np.isnan(file_durations(_OldStore(), np.array([0, 1]))).all()
     assert file_sources(_OldStore(), np.array([1, 0])) == ["b", "a@0-30"]
+
+
+def test_server_groups_per_file(moments_index) -> None:
+    from fastapi.testclient import TestClient
+
+    from muse_pipeline.search.app import create_app
+
+    out, _, _ = moments_index
+    client = TestClient(create_app(Searcher(out)))
+    data = client.get("/search", params={"q": QUERY, "k": 2, "group": "true"}).json()
+    assert [g["source"] for g in data["groups"]] == ["gone", "long"] and data["groups"][0]["missing"] is True
+    assert [m["id"] for m in data["groups"][1]["moments"]][:2] == ["long@15-45", "long@30-60"]
+    assert data["groups"][1]["moments"][0]["video_url"] == "/video?id=long%4015-45"
+    assert [h["id"] for h in data["hits"]] == ["gone"] + [m["id"] for m in data["groups"][1]["moments"]]
+    plain = client.get("/search", params={"q": QUERY, "k": 2}).json()
+    assert "groups" not in plain and [h["id"] for h in plain["hits"]] == ["gone", "long@15-45"]

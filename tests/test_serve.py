@@ -223,6 +223,12 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
             assert 3.5 <= driver.execute_script("return arguments[0].currentTime;", video) < 3.9
             assert "end of the moment" in driver.find_element(By.ID, "now-playing").text
             assert driver.find_element(By.ID, "moment-span").is_displayed()
+            # Per video: one card per file (here every file has one moment).
+            driver.find_element(By.ID, "group").click()
+            driver.find_element(By.ID, "q").send_keys(Keys.ENTER)
+            groups = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grid .hit.group"))
+            assert [g.get_attribute("data-source") for g in groups][0] == "v2" and len(groups) == 5
+            assert "5 videos (5 moments)" in driver.find_element(By.ID, "status").text
             shot = tmp_path / "page.png"
             assert driver.save_screenshot(str(shot))
         finally:

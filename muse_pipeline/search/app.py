@@ -10,6 +10,8 @@ Routes:
   -> {"k", "generation", "results": [{"query", "hits"}], "ms"} (one CLIP forward for the whole batch).
   k defaults to DEFAULT_K. A hit whose file has gone is returned with `missing: true` (flagged, not
   filtered: the index still knows the moment; the page shows it greyed out and does not play it).
+  `GET /search?...&group=true` adds "groups": [{rank, source, path, score, missing, moments: [hits]}],
+  at most k files, each with its moments best first ("hits" is then those moments, file by file).
 - `GET /health` -> {"status": "ok", "generation", "size" (rows), "model" (CLIP model)}.
 - `GET /` the page (`static/index.html` with the index's facts, the random-init note and the limits
   filled in); `/app.js`, `/app.css` its assets (`static/`, served as they are). The page builds every
@@ -117,13 +119,24 @@ def create_app(searcher: Searcher | LiveSearcher):
     @app.get("/search")
     def search_get(
         q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="query text"),
-        k: int = Query(DEFAULT_K, ge=1, le=MAX_K, description="number of hits"),
+        k: int = Query(DEFAULT_K, ge=1, le=MAX_K, description="number of hits (files with group)"),
+        group: bool = Query(False, description="one entry per file with its moments, best first"),
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         current = live.current()
-        hits = run(current, [q], k)[0]
-        return {"query": q, "k": k, "generation": current.index.generation, "hits": hits,
-                "ms": round(1000 * (time.perf_counter() - t0), 2)}
+        answer: dict[str, Any] = {"query": q, "k": k, "generation": current.index.generation}
+        if group:
+            try:
+                groups = current.search_grouped([q], k)[0]
+            except UserError as exc:
+                raise HTTPException(status_code=400, detail=str(exc)) from None
+            for g in groups:
+                g["moments"] = [with_urls(m) for m in g["moments"]]
+            answer["groups"] = groups
+            answer["hits"] = [m for g in groups for m in g["moments"]]
+        else:
+            answer["hits"] = run(current, [q], k)[0]
+        return {**answer, "ms": round(1000 * (time.perf_counter() - t0), 2)}
 
     @app.post("/search")
     def search_post(

@@ -62,38 +62,66 @@ video.addEventListener('timeupdate', () => {
 });
 video.addEventListener('error', () => { statusLine.textContent = 'this video cannot be played by the browser'; });
 
+function hitCard(hit, title) {
+  const card = el('article', hit.missing ? 'hit missing' : 'hit');
+  card.tabIndex = 0;
+  card.dataset.id = hit.id;
+  card.dataset.start = String(hit.start || 0);
+  const img = el('img');
+  img.src = hit.thumb_url;
+  img.alt = 'frames of ' + hit.id;
+  img.loading = 'lazy';
+  img.addEventListener('error', () => img.replaceWith(el('p', 'err', 'no preview')));
+  const meta = el('div', 'meta');
+  meta.append(el('span', 'rank', title + '. '), el('span', 'score', hit.score.toFixed(4)), ' ',
+              el('span', 'moment', momentLabel(hit)), ' ', el('span', 'id', hit.id));
+  card.append(img, meta);
+  if (hit.missing) card.append(el('div', 'err gone', 'file missing: ' + hit.path));
+  if (hit.caption) card.append(el('div', 'caption', hit.caption));
+  card.addEventListener('click', () => play(hit));
+  card.addEventListener('keydown', (e) => { if (e.key === 'Enter') play(hit); });
+  return card;
+}
+
+// Per video: one card per file (its best moment), then a button for each of its other moments.
+function groupCard(group) {
+  const card = hitCard(group.moments[0], group.rank);
+  card.classList.add('group');
+  card.dataset.source = group.source;
+  if (group.moments.length > 1) {
+    const more = el('div', 'moments');
+    for (const moment of group.moments.slice(1)) {
+      const button = el('button', 'moment-button', momentLabel(moment) + ' (' + moment.score.toFixed(3) + ')');
+      button.type = 'button';
+      button.addEventListener('click', (e) => { e.stopPropagation(); play(moment); });
+      more.append(button);
+    }
+    card.append(more);
+  }
+  return card;
+}
+
 function render(data) {
   grid.replaceChildren();
-  statusLine.textContent = data.hits.length + ' hits for "' + data.query + '" in ' + data.ms + ' ms';
-  for (const hit of data.hits) {
-    const card = el('article', hit.missing ? 'hit missing' : 'hit');
-    card.tabIndex = 0;
-    card.dataset.id = hit.id;
-    card.dataset.start = String(hit.start || 0);
-    const img = el('img');
-    img.src = hit.thumb_url;
-    img.alt = 'frames of ' + hit.id;
-    img.loading = 'lazy';
-    img.addEventListener('error', () => img.replaceWith(el('p', 'err', 'no preview')));
-    const meta = el('div', 'meta');
-    meta.append(el('span', 'rank', hit.rank + '. '), el('span', 'score', hit.score.toFixed(4)), ' ',
-                el('span', 'moment', momentLabel(hit)), ' ', el('span', 'id', hit.id));
-    card.append(img, meta);
-    if (hit.missing) card.append(el('div', 'err gone', 'file missing: ' + hit.path));
-    if (hit.caption) card.append(el('div', 'caption', hit.caption));
-    card.addEventListener('click', () => play(hit));
-    card.addEventListener('keydown', (e) => { if (e.key === 'Enter') play(hit); });
-    grid.append(card);
+  if (data.groups) {
+    statusLine.textContent = data.groups.length + ' videos (' + data.hits.length + ' moments) for "' +
+      data.query + '" in ' + data.ms + ' ms';
+    for (const group of data.groups) grid.append(groupCard(group));
+    return;
   }
+  statusLine.textContent = data.hits.length + ' hits for "' + data.query + '" in ' + data.ms + ' ms';
+  for (const hit of data.hits) grid.append(hitCard(hit, hit.rank));
 }
 
 form.addEventListener('submit', async (event) => {
   event.preventDefault();
   const q = document.getElementById('q').value;
   const k = document.getElementById('k').value;  // empty: the server's default
+  const params = k ? { q: q, k: k } : { q: q };
+  if (document.getElementById('group').checked) params.group = 'true';
   statusLine.textContent = 'searching...';
   try {
-    const response = await fetch('/search?' + new URLSearchParams(k ? { q: q, k: k } : { q: q }));
+    const response = await fetch('/search?' + new URLSearchParams(params));
     const data = await response.json();
     if (!response.ok) {
       const detail = typeof data.detail === 'string' ? data.detail : JSON.stringify(data.detail);
