@@ -63,7 +63,8 @@ def index_cmd(
     faiss = {"none": "exact search, no faiss index", "updated": "faiss index updated (new rows added)",
              "rebuilt": "faiss index rebuilt"}[built.faiss]
     console.print(f"indexed {built.n_videos} videos -> {built.path} ({built.generation}: {built.added} embedded, "
-                  f"{built.kept} copied, {built.removed} removed; {faiss}) (search: {kind})", soft_wrap=True)
+                  f"{built.kept} copied, {built.removed} removed; {faiss})"
+                  + ("" if search["kind"] == "exact" else f" (search: {kind})"), soft_wrap=True)
 
 
 def _read_queries(path: Path) -> list[str]:
