@@ -95,7 +95,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
 
     search_head = "muse" if "muse" in runs else next(iter(runs))
     say(f"[bold]6/6 search[/]: index every cached video with the trained {search_head} head, search for test captions")
-    index_path = build_index(runs[search_head], cache, cfg.root / "index", overwrite=True)
+    index_path = build_index(runs[search_head], cache, cfg.root / "index", overwrite=True).path
     searched = search_test_captions(index_path, data_root, cfg.root / "search.html")
     lap("search", t)
 

@@ -1,28 +1,142 @@
-"""`muse index`: embed every cached video once with a trained run and write a self-contained index.
+"""`muse index`: embed every cached video once (with a trained run, or zero-shot CLIP) and publish a
+self-contained index generation.
 
-The index's format is `muse_pipeline.search.index_format`; querying it is
-`muse_pipeline.search.query.Searcher`. This stage only wires a run and a cache into it: it checks
-the run and the cache, records how to rebuild the cache's CLIP text tower, checks that the run's
-text side can be stored (`t + W t + b`, then L2), embeds the videos (done == 1, all splits) and
-picks the tuning queries of an approximate index (the cache's own captions through the text side).
+The index's format is `muse_pipeline.search.index_format` (one generation folder) and
+`generations` (the root, CURRENT); querying it is `muse_pipeline.search.query.Searcher`; what an
+update copies and what faiss gets is `muse_pipeline.search.update`. This stage only wires a run (or
+`ZeroShotMeanP`) and a cache into them: it checks the run and the cache, records how to rebuild the
+cache's CLIP text tower, checks that the run's text side can be stored (`t + W t + b`, then L2),
+embeds the videos that are new since the current generation (done == 1, all splits), copies the
+others, and picks the tuning queries of an approximate index (the cache's own captions).
 """
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from muse_pipeline.errors import InputError
-from muse_pipeline.search.cache_columns import absolute_paths, clip_windows, first_captions
-from muse_pipeline.search.index_format import write_index
+from muse_pipeline.search.cache_columns import (
+    absolute_paths,
+    clip_windows,
+    file_durations,
+    file_sources,
+    first_captions,
+)
+from muse_pipeline.search.generations import is_index_root, open_index, publish
+from muse_pipeline.search.index_format import VideoIndex, write_index
 from muse_pipeline.search.query import adapter_state, apply_text_side, check_text_side, clip_record
 from muse_pipeline.search.text_encoder import ensure_text_encoder
 from muse_pipeline.search.topk import APPROX_THRESHOLD, IVF_THRESHOLD, TUNING_QUERIES, plan_search
+from muse_pipeline.search.update import (
+    ZERO_SHOT,
+    ann_choice,
+    cache_identity,
+    extend_ann,
+    identity_differences,
+    index_identity,
+    plan_rows,
+    run_identity,
+)
+
+
+@dataclass(frozen=True)
+class IndexBuild:
+    """What `build_index` did: the index root, the generation now current, and the counts.
+
+    published: False when the index was already up to date (nothing written). faiss: "none" (exact
+    search), "updated" or "rebuilt". notes: sentences for the user (a frame count that differs, why a
+    full build was needed)."""
+
+    path: Path
+    generation: str
+    published: bool
+    n_videos: int
+    added: int
+    removed: int
+    kept: int
+    faiss: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Embedder:
+    model: Any  # a RetrievalModel or ZeroShotMeanP: embed_videos(tokens, mask) -> [B, D]
+    adapter: dict[str, np.ndarray] | None
+    extra: dict[str, Any]
+    run: dict[str, Any] | None  # run_identity, None for zero-shot
+    notes: list[str]
+
+
+def _load_run(run_dir: Path, which: str) -> tuple[Any, dict[str, Any]]:
+    from muse_pipeline.models.checkpoint import load_run
+
+    model, config = load_run(run_dir, which=which)
+    if config.get("end_to_end"):
+        raise InputError(
+            f"{run_dir} is an end-to-end run (CLIP fine-tuned): a cache of frozen-CLIP tokens does not "
+            "describe it, so it cannot be indexed from a cache; index a run trained from the cache"
+        )
+    return model, config
+
+
+def _run_embedder(run_dir: Path, model: Any, config: dict[str, Any], cache: Any, cache_path: Path, which: str,
+                  device: str) -> _Embedder:
+    from muse_pipeline.evaluation.score import check_compatible
+
+    fp = dict(cache.fingerprint or {})
+    try:
+        check_compatible(config.get("fingerprint") or {}, fp, cache_path)
+    except ValueError as exc:  # another CLIP model or weights: the run's heads were trained on other features
+        raise InputError(f"{exc}; index a cache extracted with the run's CLIP model and weights "
+                         "(or index this cache without a run: `muse index --cache CACHE --out INDEX`)") from None
+    adapter = adapter_state(model)  # load_run returns the model on the CPU
+    check_text_side(model, adapter, int(fp.get("dim") or config["model"]["dim"]))
+    notes = []
+    run_frames = (config.get("fingerprint") or {}).get("frames") or config["model"].get("max_frames")
+    if run_frames is not None and int(run_frames) != cache.frames:
+        notes.append(f"the run was trained on {int(run_frames)} frames per video, this cache holds "
+                     f"{cache.frames}: its head embeds {cache.frames} frames (recorded in index.json)")
+    extra = {"head": config["model"]["head"], "head_config": config["model"], "which": which,
+             "run_name": run_dir.name,
+             "frames": {"run": None if run_frames is None else int(run_frames), "cache": cache.frames}}
+    return _Embedder(model.eval().to(device), adapter, extra, run_identity(run_dir, which), notes)
+
+
+def _zero_shot_embedder(cache: Any) -> _Embedder:
+    from muse_pipeline.evaluation.embed import ZeroShotMeanP
+
+    extra = {"head": ZERO_SHOT, "head_config": None, "which": None, "run_name": None,
+             "frames": {"run": None, "cache": cache.frames}}
+    return _Embedder(ZeroShotMeanP(), None, extra, None, [])
+
+
+def _existing(out: Path, identity: dict[str, Any], overwrite: bool) -> tuple[VideoIndex | None, list[str]]:
+    """The current generation to update (None: full build) and notes; refuses (before anything is
+    written) an existing folder of another source or a non-index folder unless `overwrite`."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None, []
+    if not is_index_root(out):
+        if not overwrite:
+            raise InputError(f"{out} exists and is not a muse index; pass --overwrite to replace it")
+        return None, []
+    if overwrite:
+        return None, ["--overwrite: every video embedded again"]
+    old = open_index(out)  # a damaged index is one error line that says --overwrite
+    differ = identity_differences(old.meta.get("identity"), identity)
+    if differ:
+        raise InputError(f"{out} holds an index of another {' / '.join(differ)} (it is updated in place "
+                         "only from the same run, cache and CLIP); pass --overwrite to replace it, or "
+                         "choose another --out")
+    return old, []
 
 
 def build_index(
-    run_dir: Path | str,
+    run_dir: Path | str | None,
     cache_path: Path | str | None = None,
     out_path: Path | str | None = None,
     *,
@@ -34,73 +148,109 @@ def build_index(
     overwrite: bool = False,
     approx_threshold: int = APPROX_THRESHOLD,
     ivf_threshold: int = IVF_THRESHOLD,
-) -> Path:
-    """Embed every cached video of `cache_path` (default: the run's cache) with the run; write the index.
+) -> IndexBuild:
+    """Index every cached video of `cache_path` (default: the run's cache) and publish a generation.
 
-    out_path defaults to `<run_dir>/index`. `pretrained` is only needed when the cache was made from
-    a local weights file that is not where the cache says. Refuses an existing out_path unless
-    `overwrite`. Returns out_path.
+    run_dir None: zero-shot CLIP (`ZeroShotMeanP`: mean of the real frames' unit CLS rows, unit
+    norm; identity text side); cache_path and out_path are then required. out_path defaults to
+    `<run_dir>/index`. An existing index at out_path from the same run (or zero-shot), cache and CLIP
+    is updated (a new generation: new rows embedded, retired rows dropped, the others copied); another
+    one is refused unless `overwrite`. `pretrained` is only needed when the cache was made from a local
+    weights file that is not where the cache says.
     """
     from muse_pipeline.evaluation.embed import embed_videos, open_cache
-    from muse_pipeline.evaluation.score import check_compatible
-    from muse_pipeline.models.checkpoint import load_run
 
-    run_dir = Path(run_dir).resolve()
-    out = Path(out_path) if out_path is not None else run_dir / "index"
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists; pass --overwrite to replace it")
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    model, config = load_run(run_dir, which=which)
-    if config.get("end_to_end"):
-        raise InputError(
-            f"{run_dir} is an end-to-end run (CLIP fine-tuned): a cache of frozen-CLIP tokens does not "
-            "describe it, so it cannot be indexed from a cache; index a run trained from the cache"
-        )
-    model = model.eval()
-    if cache_path is None and not config.get("cache"):
-        raise InputError(f"{run_dir}/config.json names no cache; pass one with --cache")
+    model = config = None
+    if run_dir is None:
+        if cache_path is None or out_path is None:
+            raise InputError("without a run, give the cache and the index folder: muse index --cache CACHE --out INDEX")
+    else:
+        run_dir = Path(run_dir).resolve()
+        model, config = _load_run(run_dir, which)
+        if cache_path is None and not config.get("cache"):
+            raise InputError(f"{run_dir}/config.json names no cache; pass one with --cache")
+    out = Path(out_path) if out_path is not None else run_dir / "index"
     cache_path = Path(cache_path if cache_path is not None else config["cache"]).resolve()
-    cache = open_cache(cache_path)
+    try:
+        cache = open_cache(cache_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise InputError(str(exc)) from None
     fp = dict(cache.fingerprint or {})
-    check_compatible(config.get("fingerprint") or {}, fp, cache_path)
     missing = [k for k in ("model", "weights", "words") if k not in fp]
     if missing:
         raise InputError(f"cache {cache_path} fingerprint lacks {missing}: cannot tell how to encode queries")
     clip = clip_record(fp, pretrained)
+    embedder = (_zero_shot_embedder(cache) if run_dir is None
+                else _run_embedder(run_dir, model, config, cache, cache_path, which, device))
+    identity = index_identity(embedder.run, cache_identity(cache_path, fp), clip)
+    old, notes = _existing(out, identity, overwrite)
 
     done = np.asarray(cache.read_done())
-    rows = np.flatnonzero(done == 1)
-    if rows.size == 0:
+    cached = np.flatnonzero(done == 1)
+    if cached.size == 0:
         raise InputError(f"cache {cache_path} has no extracted videos (done == 1): nothing to index")
-    adapter = adapter_state(model)  # load_run returns the model on the CPU
-    check_text_side(model, adapter, int(fp.get("dim") or config["model"]["dim"]))
-    model = model.to(device)
+    all_ids, all_paths = cache.video_ids, cache.video_paths
+    if old is not None and old.cache_rows is None:
+        notes.append("the current index records no cache rows (made before updates existed): rebuilt")
+    rows = plan_rows(old.cache_rows if old is not None else None, old.ids.all() if old is not None else [],
+                     cached, all_ids)
+    plan = plan_search(len(cached), exact=exact, approx_threshold=approx_threshold, ivf_threshold=ivf_threshold)
+    if old is not None and not len(rows.new_cache_rows) and not rows.removed and old.kind == plan.kind:
+        return IndexBuild(out, old.generation, False, len(old), 0, 0, len(old), "none" if plan.kind == "exact"
+                          else "unchanged", [*embedder.notes, *notes])
     import torch
 
-    emb = embed_videos(model, cache, rows, batch_size, device)
-    emb = torch.nn.functional.normalize(emb, dim=-1).numpy().astype(np.float32)
-    all_ids, all_paths = cache.video_ids, cache.video_paths
-    ids = [str(all_ids[i]) for i in rows]
-    paths = absolute_paths([str(all_paths[i]) for i in rows], cache_path)
+    new_emb = np.zeros((0, int(fp.get("dim") or cache.dim)), np.float32)
+    if len(rows.new_cache_rows):
+        new_emb = embed_videos(embedder.model, cache, rows.new_cache_rows, batch_size, device)
+        new_emb = torch.nn.functional.normalize(new_emb, dim=-1).numpy().astype(np.float32)
+    kept_emb = old.embeddings[rows.keep] if old is not None else new_emb[:0]
+    emb = np.concatenate([kept_emb, new_emb]).astype(np.float32)
+    index_rows = rows.cache_rows
+    faiss = ann_choice(old.kind if old is not None else None, old is not None and (old.path / "ann.faiss").is_file(),
+                       plan, rows)
+    ann = (extend_ann(old.ann_index(), new_emb), _tuned(old)) if faiss == "updated" else None
+    tuning = _tuning_queries(cache, embedder.adapter, emb) if faiss == "rebuilt" else None
+    previous = old.generation if old is not None else None
+    update = {"previous": previous, "added": len(rows.new_cache_rows), "removed": rows.removed,
+              "kept": len(rows.keep), "faiss": faiss}
 
-    # Tuning queries for an approximate index: the cache's own captions through the text side.
-    plan = plan_search(len(rows), exact=exact, approx_threshold=approx_threshold, ivf_threshold=ivf_threshold)
-    text_done = np.flatnonzero(np.asarray(cache.read_text_done()) == 1)
-    tuning = None
-    if plan.kind != "exact":
-        pick = text_done[np.linspace(0, len(text_done) - 1, min(TUNING_QUERIES, len(text_done))).astype(int)] \
-            if len(text_done) else np.zeros(0, np.int64)
-        tuning = apply_text_side(np.asarray(cache.read_text_embeddings(pick), np.float32), adapter) \
-            if len(pick) else emb[:: max(1, len(emb) // TUNING_QUERIES)]
+    def write(folder: Path) -> None:
+        write_index(
+            folder, emb, ids=[str(all_ids[i]) for i in index_rows],
+            paths=absolute_paths([str(all_paths[i]) for i in index_rows], cache_path),
+            captions=first_captions(cache, index_rows), windows=clip_windows(cache, index_rows),
+            sources=file_sources(cache, index_rows), durations=file_durations(cache, index_rows),
+            cache_rows=index_rows, clip=clip, words=int(fp["words"]), adapter=embedder.adapter, plan=plan,
+            tuning_queries=tuning, ann=ann,
+            extra={**embedder.extra, "cache_name": cache_path.name, "dataset": fp.get("dataset"),
+                   "identity": identity, "update": update},
+        )
 
-    write_index(
-        out, emb, ids=ids, paths=paths, captions=first_captions(cache, rows), windows=clip_windows(cache, rows),
-        clip=clip, words=int(fp["words"]), adapter=adapter, plan=plan, tuning_queries=tuning,
-        overwrite=overwrite,
-        extra={"head": config["model"]["head"], "head_config": config["model"], "which": which,
-               "run_name": run_dir.name, "cache_name": cache_path.name, "dataset": fp.get("dataset")},
-    )
+    if overwrite and out.exists() and not is_index_root(out):
+        shutil.rmtree(out)
+    generation = publish(out, write)
     # The CLIP text tower for queries, once per index root (a query then needs no open_clip).
     ensure_text_encoder(out, clip, pretrained=pretrained, device=device)
-    return out
+    return IndexBuild(out, generation, True, len(emb), update["added"], update["removed"], update["kept"],
+                      faiss, [*embedder.notes, *notes])
+
+
+def _tuned(old: VideoIndex) -> dict[str, Any]:
+    """The old generation's tuned search parameters, kept by an updated approximate index."""
+    params = old.meta["search"]["params"]
+    return {k: v for k, v in params.items() if k in ("efSearch", "nprobe") or k.startswith("recall_at_")
+            or k == "tuning_queries"}
+
+
+def _tuning_queries(cache: Any, adapter: dict[str, np.ndarray] | None, emb: np.ndarray) -> np.ndarray:
+    """Queries an approximate index is tuned on: the cache's own captions through the text side, or
+    (a cache without captions) every n-th video row."""
+    text_done = np.flatnonzero(np.asarray(cache.read_text_done()) == 1)
+    if not len(text_done):
+        return emb[:: max(1, len(emb) // TUNING_QUERIES)]
+    pick = text_done[np.linspace(0, len(text_done) - 1, min(TUNING_QUERIES, len(text_done))).astype(int)]
+    return apply_text_side(np.asarray(cache.read_text_embeddings(pick), np.float32), adapter)
+

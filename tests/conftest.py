@@ -186,7 +186,7 @@ def caption_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_clip):
     run.mkdir()
     config = {"model": {"head": "fake"}, "cache": str(cache.path), "fingerprint": FP}
     monkeypatch.setattr(checkpoint, "load_run", lambda run_dir, which="best": (FakeRun(), config))
-    return build_index(run, cache.path, tmp_path / "index"), cache
+    return build_index(run, cache.path, tmp_path / "index").path, cache
 
 
 def store_videos(cache, videos: dict) -> None:

@@ -2,11 +2,14 @@
 is known, a tiny feature cache built from them, and short test videos.
 
 Video k's CLS tokens are the tiny random-init CLIP's (`muse-tiny`, D = 64) text embedding of caption
-k, and the fake run scores with CLIP's own cosine, so query k must retrieve video k.
+k, and the fake run scores with CLIP's own cosine, so query k must retrieve video k. `LoopbackServer(app)`: a real uvicorn on a free 127.0.0.1 port, in a thread.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +96,29 @@ def write_moving_bar_video(path: Path, colour: tuple[int, int, int] = (0, 0, 0),
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+class LoopbackServer:
+    """uvicorn on a socket bound to a free loopback port, in a thread."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LoopbackServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.server.started, "uvicorn did not start"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()

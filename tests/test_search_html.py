@@ -24,10 +24,13 @@ def test_write_html_is_self_contained(tmp_path: Path) -> None:
     ]
     page = write_html(hits, tmp_path / "out" / "hits.html", query="red & blue", n_frames=4, note="<note>")
     text = page.read_text()
-    # 3 s at 1 fps -> 3 sampled frames (<= 4), embedded inline, nothing linked from outside.
+    # 3 s at 1 fps -> 3 sampled frames (<= 4), embedded inline; the only other sources are the
+    # players of the hits' own files (loaded only when asked: preload none).
     images = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', text)
     assert len(images) == 3
-    assert not re.search(r'src="(?!data:)', text)
+    others = re.findall(r'<(\w+) [^>]*src="(?!data:)([^"]*)"', text)
+    assert others == [("video", video.as_uri() + "#t=0"), ("video", (tmp_path / "gone.mp4").as_uri() + "#t=0")]
+    assert text.count('preload="none"') == 2
     for b64 in images:  # each a real JPEG, 96 high (64x48 scaled: 128 wide), mostly the video's red
         img = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.float64)
         assert img.shape == (96, 128, 3) and (img[:, :, 0] > 150).mean() > 0.5

@@ -19,6 +19,7 @@ from muse_pipeline.cache.store import FeatureCache
 from muse_pipeline.errors import InputError, UserError
 from muse_pipeline.evaluation.embed import embed_videos
 from muse_pipeline.search.cache_columns import clip_windows
+from muse_pipeline.search.generations import open_index
 from muse_pipeline.search.index_format import (
     IndexFormatError,
     StringColumn,
@@ -32,7 +33,9 @@ from muse_pipeline.stages.search import build_index
 
 def test_index_is_self_contained(caption_index) -> None:
     out, cache = caption_index
-    index = VideoIndex(out)
+    assert (out / "CURRENT").read_text() == "gen-000001\n"
+    index = open_index(out)
+    assert index.path == (out / "gen-000001").resolve() and index.generation == "gen-000001"
     emb = np.asarray(index.embeddings)
     assert emb.dtype == np.float32 and emb.shape == (len(CAPTIONS), TINY_D)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
@@ -40,18 +43,24 @@ def test_index_is_self_contained(caption_index) -> None:
     assert index.paths[2] == "/videos/clip2.mp4"
     # Captions of the dataset: video 0 and 2 have one, the others none.
     assert [index.captions[i] for i in range(3)] == ["caption 0", "", "caption 1"]
-    meta = json.loads((out / "index.json").read_text())
-    assert meta["format"] == "muse-index" and meta["format_version"] == 2 and meta["n_videos"] == len(CAPTIONS)
+    meta = json.loads((out / "gen-000001" / "index.json").read_text())
+    assert meta["format"] == "muse-index" and meta["format_version"] == 3 and meta["n_videos"] == len(CAPTIONS)
     assert meta["clip"] == RANDOM_INIT_CLIP
     assert meta["search"] == {"kind": "exact", "params": {}} and meta["words"] == 16
     assert "run_dir" not in meta and str(cache.path) not in json.dumps(meta)  # nothing points back
 
 
-def test_refuses_to_overwrite(caption_index, tmp_path: Path) -> None:
+def test_another_run_is_refused_unless_overwrite(caption_index, tmp_path: Path) -> None:
     out, cache = caption_index
-    with pytest.raises(InputError, match="--overwrite"):
-        build_index(tmp_path / "run", cache.path, out)
-    assert build_index(tmp_path / "run", cache.path, out, overwrite=True) == out
+    again = build_index(tmp_path / "run", cache.path, out)  # the same run and cache: nothing to do
+    assert not again.published and again.generation == "gen-000001" and again.added == 0
+    (tmp_path / "run2").mkdir()
+    with pytest.raises(InputError, match="another run.*--overwrite"):
+        build_index(tmp_path / "run2", cache.path, out)
+    assert (out / "CURRENT").read_text() == "gen-000001\n" and sorted(p.name for p in out.iterdir()) == [
+        "CURRENT", "gen-000001"]
+    replaced = build_index(tmp_path / "run2", cache.path, out, overwrite=True)
+    assert replaced.path == out and replaced.generation == "gen-000002" and replaced.added == 5
 
 
 def test_not_an_index_is_one_user_error(tmp_path: Path) -> None:
@@ -61,7 +70,7 @@ def test_not_an_index_is_one_user_error(tmp_path: Path) -> None:
                          clip=RANDOM_INIT_CLIP, words=8)
     meta = json.loads((folder / "index.json").read_text())
     (folder / "index.json").write_text(json.dumps({**meta, "format_version": 1}))
-    with pytest.raises(UserError, match="version 2"):
+    with pytest.raises(UserError, match="version 3"):
         VideoIndex(folder)
 
 
@@ -102,7 +111,7 @@ def test_moved_index_keeps_working_and_uses_the_stored_text_adapter(tmp_path: Pa
         want_q = model.embed_texts(clip_q).numpy()
         want_v = np.asarray(embed_videos(model, cache, np.arange(5), 8, "cpu"))
     want_v /= np.linalg.norm(want_v, axis=1, keepdims=True)
-    built = build_index(run, None, None)  # the run's own cache, index inside the run
+    built = build_index(run, None, None).path  # the run's own cache, index inside the run
     assert built == run.resolve() / "index"
     moved = tmp_path / "elsewhere" / "my-index"
     moved.parent.mkdir()

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from muse_pipeline.cli.main import app
 from muse_pipeline.encoders.clip import file_sha256
 from muse_pipeline.errors import InputError, UserError
-from muse_pipeline.search.index_format import VideoIndex, write_index
+from muse_pipeline.search.generations import open_index
+from muse_pipeline.search.index_format import write_index
 from muse_pipeline.search.limits import DEFAULT_K, MAX_QUERY_CHARS, check_k, check_query
 from muse_pipeline.search.query import Searcher, clip_record
 
@@ -33,8 +34,9 @@ def test_search_finds_the_matching_video(caption_index, tiny_clip) -> None:
         assert hits[0]["id"] == f"clip{k}" and hits[0]["path"] == f"/videos/clip{k}.mp4"
         assert hits[0]["score"] == pytest.approx(1.0, abs=0.02)
         assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
-        assert set(hits[0]) == {"rank", "id", "path", "start", "end", "score", "caption"}
-    emb = np.asarray(VideoIndex(out).embeddings)
+        assert set(hits[0]) == {"rank", "id", "source", "path", "start", "end", "score", "caption", "missing"}
+        assert hits[0]["source"] == hits[0]["id"] and hits[0]["missing"] is True  # /videos/ does not exist
+    emb = np.asarray(open_index(out).embeddings)
     q = unit_text_embeddings(tiny_clip, [CAPTIONS[1]])[0]
     hits = searcher.search([CAPTIONS[1]], top_k=100)[0]  # more than indexed: all of them
     assert [h["id"] for h in hits] == [f"clip{i}" for i in brute_order(emb, q)]
@@ -83,10 +85,11 @@ def test_clip_record_of_the_cache_weights(tmp_path: Path) -> None:
 
 def test_missing_weights_file_is_one_line_naming_it(caption_index) -> None:
     out, _ = caption_index
-    meta = json.loads((out / "index.json").read_text())
+    meta_path = out / "gen-000001" / "index.json"
+    meta = json.loads(meta_path.read_text())
     meta["clip"] = {"model": "muse-tiny", "weights_id": "ab" * 32,
                     "weights_file": {"path": "/gone/clip-weights.pt", "size": 1, "mtime_ns": 1}}
-    (out / "index.json").write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps(meta))
     result = CliRunner().invoke(app, ["search", "a red circle", "--index", str(out)])
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -106,7 +109,7 @@ def test_cli_json_queries_file_and_html(caption_index, tmp_path: Path) -> None:
     assert len(rows) == 4
     assert [(r["query"], r["rank"]) for r in rows] == [(CAPTIONS[3], 1), (CAPTIONS[3], 2), (CAPTIONS[0], 1), (CAPTIONS[0], 2)]
     assert rows[0]["id"] == "clip3" and rows[2]["id"] == "clip0" and rows[2]["caption"] == "caption 0"
-    assert set(rows[0]) == {"query", "rank", "id", "path", "start", "end", "score", "caption"}
+    assert set(rows[0]) == {"query", "rank", "id", "source", "path", "start", "end", "score", "caption", "missing"}
     single = Searcher(out).search([CAPTIONS[0]], top_k=2)[0]
     assert [r["score"] for r in rows[2:]] == pytest.approx([h["score"] for h in single], abs=1e-6)
     text = page.read_text()

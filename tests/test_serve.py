@@ -10,14 +10,17 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from search_helpers import CAPTIONS, RANDOM_INIT_CLIP, unit_text_embeddings, write_moving_bar_video
+from search_helpers import (
+    CAPTIONS,
+    RANDOM_INIT_CLIP,
+    LoopbackServer,
+    unit_text_embeddings,
+    write_moving_bar_video,
+)
 
 from muse_pipeline.search.app import create_app
 from muse_pipeline.search.index_format import write_index
@@ -169,32 +172,6 @@ def _browser() -> tuple[str, str]:
     pytest.skip(reason=reason)
 
 
-class _Server:
-    """uvicorn on a socket bound to a free loopback port, in a thread."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.server.started, "uvicorn did not start"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
 def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
     binary, driver_path = _browser()
     from PIL import Image
@@ -209,7 +186,7 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1200,900", "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(arg)
-    with _Server(served[0]) as server:
+    with LoopbackServer(served[0]) as server:
         driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
         try:
             wait = WebDriverWait(driver, 15)
@@ -229,13 +206,29 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
             assert hostile.find_element(By.CSS_SELECTOR, ".caption").text == HOSTILE_CAPTION
             assert not driver.find_elements(By.CSS_SELECTOR, "#grid img[src='x']")
             assert driver.title == "muse search"
-            cards[0].click()
+            # The card labels its moment; a click plays from the moment's start and stops at its end.
+            assert cards[0].find_element(By.CSS_SELECTOR, ".moment").text == "1.0-3.5 s"
             video = driver.find_element(By.ID, "video")
+            driver.execute_script("arguments[0].addEventListener('playing', (e) => "
+                                  "{ window.playedFrom = e.target.currentTime; }, { once: true });", video)
+            cards[0].click()
+            wait.until(lambda d: d.execute_script("return window.playedFrom !== undefined;"))
+            assert abs(driver.execute_script("return window.playedFrom;") - 1.0) < 0.3
             wait.until(lambda d: d.execute_script("const v = arguments[0]; return !v.paused && v.currentTime > 1.0;", video))
             first = driver.execute_script("return arguments[0].currentTime;", video)
             wait.until(lambda d: d.execute_script("return arguments[0].currentTime;", video) > first + 0.2)
             assert driver.execute_script("return arguments[0].dataset.id;", video) == "v2"
             assert driver.execute_script("return arguments[0].error;", video) is None
+            wait.until(lambda d: d.execute_script("return arguments[0].paused;", video))
+            assert 3.5 <= driver.execute_script("return arguments[0].currentTime;", video) < 3.9
+            assert "end of the moment" in driver.find_element(By.ID, "now-playing").text
+            assert driver.find_element(By.ID, "moment-span").is_displayed()
+            # Per video: one card per file (here every file has one moment).
+            driver.find_element(By.ID, "group").click()
+            driver.find_element(By.ID, "q").send_keys(Keys.ENTER)
+            groups = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grid .hit.group"))
+            assert [g.get_attribute("data-source") for g in groups][0] == "v2" and len(groups) == 5
+            assert "5 videos (5 moments)" in driver.find_element(By.ID, "status").text
             shot = tmp_path / "page.png"
             assert driver.save_screenshot(str(shot))
         finally:

@@ -1,9 +1,11 @@
 """The self-contained results page of `muse search --html` (and the demo's search step).
 
-One UTF-8 HTML file with inline CSS and every thumbnail inline as a base64 JPEG (`frame_jpegs`):
-nothing is linked from outside, so the page can be mailed or opened anywhere. Every text from the
+One UTF-8 HTML file with inline CSS and every thumbnail inline as a base64 JPEG (`frame_jpegs`), so
+the page can be mailed or opened anywhere. Each hit also gets a player (`<video preload="none">`,
+nothing loaded until asked) and a link to its file at the moment (a `file://` URI with the media
+fragment `#t=start,end`): they work where the page is opened beside the videos. Every text from the
 index (ids, paths, captions, the query, notes) is HTML-escaped. A hit whose video cannot be decoded
-still gets its row, with the reason instead of thumbnails.
+still gets its row, with the reason instead of thumbnails; one whose file is gone says so.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from muse_pipeline.search.moments import media_fragment, moment_label
 from muse_pipeline.video.thumbnails import frame_jpegs
 
 _STYLE = """
@@ -22,7 +25,14 @@ body { font-family: sans-serif; margin: 1.5em; background: #fafafa; }
 .hit { background: white; border: 1px solid #ddd; border-radius: 6px; padding: 0.6em; margin-bottom: 0.8em; }
 .meta { margin-bottom: 0.4em; } .score { font-weight: bold; } .path { color: #666; font-size: 0.9em; }
 .caption { font-style: italic; } .strip img { margin-right: 4px; border-radius: 3px; } .err { color: #a00; }
+.moment { font-weight: bold; color: #135; } video { max-width: 480px; display: block; margin-top: 0.4em; }
 """
+
+
+def _file_uri(path: str) -> str | None:
+    """The file:// URI of an absolute path (None for a relative one: no base to resolve it against)."""
+    p = Path(path)
+    return p.as_uri() if p.is_absolute() else None
 
 
 def _thumbnails(path: str, n_frames: int, height: int, start: float | None = None,
@@ -33,10 +43,6 @@ def _thumbnails(path: str, n_frames: int, height: int, start: float | None = Non
     except Exception as exc:  # a missing or broken file still gets a row, with the reason
         return [], f"{type(exc).__name__}: {exc}"
     return [base64.b64encode(j).decode("ascii") for j in jpegs], None
-
-
-def _seconds(value: float | None) -> str:
-    return "?" if value is None else f"{value:g} s"
 
 
 def write_html(
@@ -76,14 +82,22 @@ def write_html(
         if error:
             strip = f'<span class="err">no preview ({escape(error)})</span>'
         caption = hit.get("caption")
-        window = f" [{_seconds(start)} - {_seconds(end)}]" if start or end is not None else ""
+        label = moment_label(start, end)
+        uri = _file_uri(str(hit["path"]))
+        player = ""
+        if hit.get("missing"):
+            player = '<div class="err">the file no longer exists</div>'
+        elif uri is not None:
+            at = escape(uri + media_fragment(start, end), quote=True)
+            player = (f'<video controls preload="none" src="{at}"></video>'
+                      f'<a class="play" href="{at}">open at {escape(label)}</a>')
         parts.append(
             '<div class="hit"><div class="meta">'
             f'{hit.get("rank", i + 1)}. <span class="score">{float(hit["score"]):.4f}</span> '
-            f"{escape(str(hit['id']))}{escape(window)} "
+            f'<span class="moment">{escape(label)}</span> {escape(str(hit["id"]))} '
             f'<span class="path">{escape(str(hit["path"]))}</span></div>'
             + (f'<div class="caption">{escape(str(caption))}</div>' if caption else "")
-            + f'<div class="strip">{strip}</div></div>'
+            + f'<div class="strip">{strip}</div>{player}</div>'
         )
     parts.append("</body></html>")
     out = Path(out_html)

@@ -26,8 +26,13 @@ import numpy as np
 
 from muse_pipeline.encoders.weights_identity import RANDOM_INIT, file_sha256
 from muse_pipeline.errors import InputError
+from muse_pipeline.search.generations import open_index
 from muse_pipeline.search.index_format import IndexFormatError, VideoIndex
 from muse_pipeline.search.limits import DEFAULT_K, check_k, check_query
+from muse_pipeline.search.moments import group_by_source
+
+# --group fetches this many hits per wanted file first (a file has several moments), then doubles.
+GROUP_FETCH = 8
 
 RANDOM_INIT_NOTE = (
     "This index was built with a randomly initialised CLIP (no pretrained weights): words do not mean "
@@ -129,12 +134,20 @@ class QueryEncoder:
     when it holds the index's CLIP; otherwise (an index built before exports, or a `pretrained`
     override) the whole CLIP is built through open_clip as `ClipEncoder`. `source` says which:
     "export" or "open_clip".
+
+    clip_encoder: a loaded text tower (TextEncoder or ClipEncoder) to reuse, e.g. by a server's next
+    generation with the same CLIP; it must hold the index's weights ("shared").
     """
 
-    def __init__(self, index: VideoIndex, device: str = "cpu", pretrained: str | None = None) -> None:
+    def __init__(self, index: VideoIndex, device: str = "cpu", pretrained: str | None = None,
+                 clip_encoder: Any = None) -> None:
         clip = index.meta["clip"]
         self.words = int(index.meta["words"])
         self.adapter = index.adapter
+        if clip_encoder is not None:
+            self.encoder = clip_encoder
+            self.source = "shared"
+            return
         from muse_pipeline.search.text_encoder import TextEncoder, find_text_encoder
 
         exported = find_text_encoder(index.path, clip) if pretrained is None else None
@@ -168,15 +181,25 @@ class QueryEncoder:
 
 
 class Searcher:
-    """An index with its query encoder, loaded once for many queries (CLI batches, the server)."""
+    """An index with its query encoder, loaded once for many queries (CLI batches, the server).
 
-    def __init__(self, index_path: Path | str, device: str = "cpu", pretrained: str | None = None) -> None:
-        self.index = VideoIndex(index_path).load()
-        self.encoder = QueryEncoder(self.index, device=device, pretrained=pretrained)
+    index_path: an index root (its current generation is read, `generations.open_index`) or one
+    generation folder. `reuse`: a Searcher whose CLIP text tower this one may share (same weights)."""
+
+    def __init__(self, index_path: Path | str, device: str = "cpu", pretrained: str | None = None,
+                 reuse: Searcher | None = None) -> None:
+        self.root = Path(index_path)
+        self.index = open_index(index_path).load()
+        clip = self.index.meta["clip"]
+        shared = None
+        if reuse is not None and reuse.index.meta["clip"].get("weights_id") == clip.get("weights_id") \
+                and reuse.index.meta["clip"].get("model") == clip.get("model"):
+            shared = reuse.encoder.encoder
+        self.encoder = QueryEncoder(self.index, device=device, pretrained=pretrained, clip_encoder=shared)
 
     def search(self, queries: Sequence[str], top_k: int = DEFAULT_K, *,
                exact: bool = False) -> list[list[dict[str, Any]]]:
-        """One hit list per query (best first): rank, id, path, start, end, score, caption."""
+        """One hit list per query (best first): rank, id, source, path, start, end, score, caption, missing."""
         check_k(top_k, "top_k")
         texts = [check_query(q) for q in queries]
         if not texts:
@@ -186,6 +209,25 @@ class Searcher:
             [self.index.hit(int(r), float(s), rank) for rank, (s, r) in enumerate(zip(sr, rr, strict=True), 1) if r >= 0]
             for sr, rr in zip(scores, rows, strict=True)
         ]
+
+    def search_grouped(self, queries: Sequence[str], top_k: int = DEFAULT_K, *,
+                       exact: bool = False) -> list[list[dict[str, Any]]]:
+        """One list of at most `top_k` source files per query (`moments.group_by_source`): each file's
+        moments best first, files by their best moment. Fetches hits until `top_k` files are found or
+        every row was ranked."""
+        check_k(top_k, "top_k")
+        texts = [check_query(q) for q in queries]
+        out = []
+        for text in texts:
+            fetch = min(len(self.index), top_k * GROUP_FETCH)
+            while True:
+                hits = self.search([text], fetch, exact=exact)[0]
+                groups = group_by_source(hits, top_k)
+                if len(groups) >= top_k or fetch >= len(self.index):
+                    break
+                fetch = min(len(self.index), fetch * 2)
+            out.append(groups)
+        return out
 
     def rank_of(self, query: str, video_id: str) -> int | None:
         """Exact 1-based rank of `video_id` for `query` among all indexed videos (ties count against it)."""
