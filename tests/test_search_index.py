@@ -58,7 +58,7 @@ def test_another_run_is_refused_unless_overwrite(caption_index, tmp_path: Path) 
     with pytest.raises(InputError, match="another run.*--overwrite"):
         build_index(tmp_path / "run2", cache.path, out)
     assert (out / "CURRENT").read_text() == "gen-000001\n" and sorted(p.name for p in out.iterdir()) == [
-        "CURRENT", "gen-000001"]
+        "CURRENT", "gen-000001", "text-encoder"]
     replaced = build_index(tmp_path / "run2", cache.path, out, overwrite=True)
     assert replaced.path == out and replaced.generation == "gen-000002" and replaced.added == 5
 

@@ -170,12 +170,11 @@ def test_index_build_exports_and_queries_use_it(caption_index, tiny_clip) -> Non
 
 def test_an_export_of_another_clip_is_not_used(caption_index) -> None:
     out, _ = caption_index
-    meta = json.loads((out / "index.json").read_text())
+    gen = out / (out / "CURRENT").read_text().strip()
+    meta = json.loads((gen / "index.json").read_text())
     meta["clip"] = {**meta["clip"], "weights_id": "another"}
     assert find_text_encoder(out, meta["clip"]) is None
     # A generation folder inside an index root finds the root's export.
-    gen = out / "gen-000001"
-    gen.mkdir()
     assert find_text_encoder(gen, RANDOM_INIT_CLIP) == out / TEXT_ENCODER_DIR
 
 

@@ -140,7 +140,7 @@ def test_other_source_needs_overwrite_and_legacy_flat_index_is_generation_0(tmp_
     _set_done(cache, [2], RETIRED)
     build_index(None, cache.path, out)
     assert not (out / "index.json").exists() and not (out / "embeddings.npy").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["CURRENT", "gen-000001", "gen-000002"]
+    assert sorted(p.name for p in out.iterdir()) == ["CURRENT", "gen-000001", "gen-000002", "text-encoder"]
     # The library re-extracted from scratch with another frame count is another cache: refused.
     import shutil
 
