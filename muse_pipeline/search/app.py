@@ -13,9 +13,11 @@ Routes:
 - `GET /info` what the index is (size, search kind, CLIP weights, the random-init note, the limits).
 
 Bounds (`limits`): a query has at most MAX_QUERY_CHARS characters, k is in [1, MAX_K], a batch has
-at most MAX_BATCH queries; a request outside them is a 422, a query the searcher refuses a 400.
+at most MAX_BATCH queries; a request outside them, or a query that is not text (`http_limits.QueryText`),
+is a 422 with a one-line detail that never echoes the input; a query the searcher refuses is a 400.
 Every response carries SECURITY_HEADERS (a Content-Security-Policy allowing only this server's
-own script, style, images and media).
+own script, style, images and media). The server's limits, the answers made outside the routes
+(413, 421, 503, HEAD) and the runner are `server` and `asgi_guards`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from importlib.resources import files
 from typing import Any
 from urllib.parse import quote
 
+from muse_pipeline.search.http_limits import QueryText, install_error_handlers
 from muse_pipeline.search.limits import DEFAULT_K, MAX_BATCH, MAX_K, MAX_QUERY_CHARS
 from muse_pipeline.search.query import RANDOM_INIT_NOTE, Searcher
 from muse_pipeline.video.thumbnails import strip_jpeg
@@ -87,6 +90,7 @@ def create_app(searcher: Searcher):
     note = RANDOM_INIT_NOTE if index.random_init else ""
     page_template, app_js, app_css = static_text("index.html"), static_text("app.js"), static_text("app.css")
     app = FastAPI(title="muse search", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -108,7 +112,7 @@ def create_app(searcher: Searcher):
 
     @app.get("/search")
     def search_get(
-        q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="query text"),
+        q: QueryText = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="query text"),
         k: int = Query(DEFAULT_K, ge=1, le=MAX_K, description="number of hits"),
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -117,7 +121,7 @@ def create_app(searcher: Searcher):
 
     @app.post("/search")
     def search_post(
-        queries: list[str] = Body(..., embed=True, min_length=1, max_length=MAX_BATCH),
+        queries: list[QueryText] = Body(..., embed=True, min_length=1, max_length=MAX_BATCH),
         k: int = Body(DEFAULT_K, embed=True, ge=1, le=MAX_K),
     ) -> dict[str, Any]:
         for q in queries:
@@ -193,9 +197,3 @@ def create_app(searcher: Searcher):
 
     return app
 
-
-def run_app(app, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Answer requests to `app` on host:port (uvicorn, warnings only) until interrupted."""
-    import uvicorn
-
-    uvicorn.run(app, host=host, port=port, log_level="warning")
