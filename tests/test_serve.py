@@ -249,17 +249,25 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
 
 
 def test_serve_command_binds_loopback_by_default(served, monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
     from typer.testing import CliRunner
 
+    import muse_pipeline.stages.serve as serve_stage
     from muse_pipeline.cli.main import app
 
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: calls.append((app_, kw)))
+    binds, runs = [], []
+
+    def bind(host: str, port: int, backlog: int) -> socket.socket:  # records; 8080 may be taken here
+        binds.append((host, port))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        return sock
+
+    monkeypatch.setattr(serve_stage, "bind_socket", bind)
+    monkeypatch.setattr(serve_stage, "run_server", lambda app_, sock, limits: runs.append(sock))
     index = served[1].index.path
     result = CliRunner().invoke(app, ["serve", "--index", str(index)])
     assert result.exit_code == 0, result.output
-    assert calls[0][1]["host"] == "127.0.0.1" and calls[0][1]["port"] == 8080
+    assert binds == [("127.0.0.1", 8080)] and len(runs) == 1
     assert "http://127.0.0.1:8080/" in result.output and "real CLIP weights" in result.output
     result = CliRunner().invoke(app, ["serve", "--index", str(index), "--port", "0"])
-    assert result.exit_code != 0 and "--port" in result.output and len(calls) == 1
+    assert result.exit_code != 0 and "--port" in result.output and len(binds) == 1
