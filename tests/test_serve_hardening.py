@@ -196,6 +196,15 @@ def test_search_request_over_the_limit_and_422_without_echo(search_app) -> None:
         answer = request(port, "POST", "/search", big)
         assert answer is not None and answer.status == 413
         assert len(answer.body) < 300
+        with connect(port) as sock:  # the same body chunked: counted while read
+            sock.sendall(f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                         f"Transfer-Encoding: chunked\r\n\r\n".encode())
+            for start in range(0, len(big), 1 << 16):
+                piece = big[start : start + (1 << 16)]
+                sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            sock.sendall(b"0\r\n\r\n")
+            answer = read_answer(sock)
+        assert answer is not None and answer.status == 413 and "at most 1048576" in answer.json()["detail"]
         # Within the size limit but outside the API: one short line, no input in it.
         long_queries = json.dumps({"queries": ["x" * 1001] * 64}).encode()
         for body in (long_queries, b'{"queries": 5}', b"{" + b"z" * 500_000, b'{"queries": ["a"], "k": "' + b"9" * 5000 + b'"}'):

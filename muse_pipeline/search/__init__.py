@@ -6,7 +6,9 @@
 - `cache_columns`: the per-video columns an index copies from a feature cache (windows, captions, paths).
 - `query`: the index's text side (CLIP source, text adapter), `QueryEncoder` and `Searcher`.
 - `html`: the self-contained results page of `muse search --html`.
-- `app`: the `muse serve` web app (FastAPI) and its runner; the page is `static/`.
+- `app`: the `muse serve` web app (FastAPI); the page is `static/`.
+- `http_limits`, `asgi_guards`, `server`: the server's bounds, the middleware that enforces them before
+  the app, and the runner (bind first, uvicorn's h11 protocol with head/body deadlines and a connection cap).
 
 `muse_pipeline.stages.search` (build an index from a run) and `muse_pipeline.stages.serve` only
 orchestrate these.

@@ -37,8 +37,8 @@ class HttpLimits:
       any of the body is read, a chunked body counted while read). 1 MiB holds MAX_BATCH queries of
       MAX_QUERY_CHARS characters even when every character is JSON-escaped.
     - `max_head_bytes`: request line + headers; longer is a 400 (h11's incomplete-event bound).
-    - `header_timeout_s`: time from a connection's first byte (or its accept) to a complete request
-      head; then the connection is closed (408 when part of a head came).
+    - `header_timeout_s`: time from a connection's accept, or from the end of its previous answer, to a
+      complete request head; then the connection is closed (after a 408 when part of a head came).
     - `body_timeout_s`: time from a complete head to the end of its body; then the connection is closed.
     - `keep_alive_s`: an idle keep-alive connection is closed after this.
     - `max_connections`: open connections; a new one beyond evicts the oldest connection that is

@@ -216,7 +216,7 @@ def server_config(app: Any, sock: socket.socket, limits: HttpLimits) -> Any:
     host, port = sock.getsockname()[:2]
     return uvicorn.Config(guard_app(app, limits, loopback_hosts(host, port)), http=protocol_for(limits),
                           log_level="warning", timeout_keep_alive=limits.keep_alive_s, backlog=limits.backlog,  # type: ignore[arg-type]
-                          h11_max_incomplete_event_size=limits.max_head_bytes)
+                          h11_max_incomplete_event_size=limits.max_head_bytes, ws="none")  # no route is a websocket
 
 
 def run_server(app: Any, sock: socket.socket, limits: HttpLimits | None = None) -> None:
