@@ -8,7 +8,8 @@ the server as it was before (plain `uvicorn.run` of the same app: 40 threadpool 
 The index: `--videos` random unit embeddings under a random-init CLIP (`--model`; the text forward is
 the same compute as with real weights). The server runs in its own process (its own GIL); the
 clients are asyncio keep-alive HTTP/1.1 connections in this process, each sending
-`GET /search?q=...&k=10` back to back (queries cycle through a fixed list) for `--seconds` per level.
+`GET /search?q=...&k=10` back to back (queries cycle through a fixed list) for `--seconds` per level
+(`--new-connections`: a new connection for each request).
 A request "without an answer" is one whose connection closed, reset or timed out (`--timeout`) before
 a whole answer came; the client then reconnects. Statuses other than 200 (503 under overload) are
 counted separately: they are answers. Prints a markdown table.
@@ -64,7 +65,7 @@ def serve(index: str, port_file: str, kind: str, workers: int) -> None:
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
-async def client(port: int, stop_at: float, timeout: float, offset: int, stats: dict) -> None:
+async def client(port: int, stop_at: float, timeout: float, offset: int, stats: dict, reuse: bool) -> None:
     reader = writer = None
     i = offset
     while time.monotonic() < stop_at:
@@ -74,7 +75,8 @@ async def client(port: int, stop_at: float, timeout: float, offset: int, stats: 
         try:
             if writer is None:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
-            writer.write(f"GET /search?q={q}&k=10 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            close = "" if reuse else "Connection: close\r\n"
+            writer.write(f"GET /search?q={q}&k=10 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{close}\r\n".encode())
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
             status = int(head.split(b" ", 2)[1])
             length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
@@ -94,10 +96,10 @@ async def client(port: int, stop_at: float, timeout: float, offset: int, stats: 
         writer.close()
 
 
-async def load(port: int, clients: int, seconds: float, timeout: float) -> dict:
+async def load(port: int, clients: int, seconds: float, timeout: float, reuse: bool = True) -> dict:
     stats = {"latency": [], "status": Counter(), "no_answer": 0}
     t0 = time.monotonic()
-    await asyncio.gather(*(client(port, t0 + seconds, timeout, k, stats) for k in range(clients)))
+    await asyncio.gather(*(client(port, t0 + seconds, timeout, k, stats, reuse) for k in range(clients)))
     stats["elapsed"] = time.monotonic() - t0
     return stats
 
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     parser.add_argument("--workers", type=int, default=0, help="search workers of the guarded server (0: default)")
+    parser.add_argument("--new-connections", action="store_true", help="one connection per request")
     parser.add_argument("--servers", nargs="+", default=["before", "guarded"], choices=["before", "guarded"])
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
@@ -140,26 +143,29 @@ def main() -> None:
 
     workers = args.workers or default_search_workers()
     print(f"{args.videos} videos, CLIP {args.model} (random init), {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.2f}, guarded server with {workers} search workers\n")
+          f"load average {os.getloadavg()[0]:.2f}, guarded server with {workers} search workers, "
+          f"{'one connection per request' if args.new_connections else 'keep-alive connections'}\n")
     print("| server | clients | requests | req/s | p50 ms | p99 ms | max ms | statuses | without answer |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         index = build_index(Path(tmp), args.videos, args.model)
-        for kind in args.servers:
-            proc, port = start_server(index, kind, workers, Path(tmp))
-            try:
-                asyncio.run(load(port, 1, 2.0, args.timeout))  # warm-up
-                for clients in args.levels:
-                    s = asyncio.run(load(port, clients, args.seconds, args.timeout))
+        servers = {}
+        try:
+            for kind in args.servers:
+                servers[kind] = start_server(index, kind, workers, Path(tmp))
+                asyncio.run(load(servers[kind][1], 1, 2.0, args.timeout))  # warm-up
+            for clients in args.levels:  # servers take turns at each level: a shared machine's load shifts both
+                for kind, (_, port) in servers.items():
+                    s = asyncio.run(load(port, clients, args.seconds, args.timeout, not args.new_connections))
                     lat = np.array(s["latency"]) * 1000 if s["latency"] else np.zeros(1)
                     n = sum(s["status"].values())
                     statuses = " ".join(f"{k}: {v}" for k, v in sorted(s["status"].items()))
                     print(f"| {kind} | {clients} | {n} | {n / s['elapsed']:.1f} | {np.percentile(lat, 50):.1f} | "
                           f"{np.percentile(lat, 99):.1f} | {lat.max():.1f} | {statuses} | {s['no_answer']} |", flush=True)
-            finally:
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-
 
 if __name__ == "__main__":
     main()

@@ -25,8 +25,9 @@ MAX_DETAIL_CHARS = 300  # a 422 reason is one short line
 
 
 def default_search_workers() -> int:
-    """Searches run at once: about half the cores (a CLIP forward uses several torch threads), 1 to 4."""
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    """Searches run at once: half the cores (a CLIP forward uses several torch threads), 2 to 4 (two
+    overlap one search's Python work with another's torch work)."""
+    return max(2, min(4, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)
