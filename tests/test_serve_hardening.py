@@ -146,10 +146,8 @@ def test_declared_body_over_the_limit_is_413_before_any_body(search_app) -> None
     with running(search_app[0], limits) as port, connect(port) as sock:
         sock.sendall(f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {50 << 20}\r\n\r\n".encode())
-        t0 = time.monotonic()
-        answer = read_answer(sock)  # no byte of the 50 MB body is ever sent
+        answer = read_answer(sock)  # no byte of the 50 MB body is ever sent: any answer came before it
         assert answer is not None and answer.status == 413, answer
-        assert time.monotonic() - t0 < 5
         assert "at most 65536" in answer.json()["detail"] and len(answer.body) < 300
         assert_secure(answer)
         assert closed_within(sock, 5)[0]
@@ -222,41 +220,40 @@ def test_search_request_over_the_limit_and_422_without_echo(search_app) -> None:
 
 def test_slow_request_head_is_cut_at_the_timeout(search_app) -> None:
     limits = HttpLimits(header_timeout_s=1.0)
-    head = b"GET /info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 40
+    head = b"GET /info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 60
     with running(search_app[0], limits) as port, connect(port) as sock:
-        t0 = time.monotonic()
         received = b""
         closed = False
-        for byte in head:  # one byte every 0.1 s: 6 s for the whole head, were it allowed
+        sent = 0
+        for byte in head:  # one byte every 0.1 s at least: 8 s for the whole head, were it allowed
             try:
                 sock.sendall(bytes([byte]))
             except (BrokenPipeError, ConnectionResetError):
                 closed = True
                 break
+            sent += 1
             closed, got = closed_within(sock, 0.1)
             received += got
             if closed:
                 break
-        elapsed = time.monotonic() - t0
-    assert closed and elapsed < 3.0, elapsed
+    assert closed and sent < len(head), sent  # cut off while still sending
     assert received.startswith(b"HTTP/1.1 408 ")
     assert b"content-security-policy" in received.lower()
 
 
 def test_idle_and_keep_alive_connections_are_closed(search_app) -> None:
-    limits = HttpLimits(header_timeout_s=1.0, keep_alive_s=0.5)
-    with running(search_app[0], limits) as port:
+    """Each by its own limit (the other one set to 60 s); the wait is bounded at 10 s."""
+    with running(search_app[0], HttpLimits(header_timeout_s=1.0, keep_alive_s=60)) as port:
         with connect(port) as idle:  # never sends a byte
             t0 = time.monotonic()
-            assert closed_within(idle, 4)[0]
-            assert 0.5 < time.monotonic() - t0 < 3.0
+            assert closed_within(idle, 10)[0]
+            assert time.monotonic() - t0 > 0.5  # by the deadline, not at once
+    with running(search_app[0], HttpLimits(header_timeout_s=60, keep_alive_s=0.5)) as port:
         with connect(port) as kept:  # one request, then silence
             kept.sendall(f"GET /info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
             answer = read_answer(kept)
             assert answer is not None and answer.status == 200
-            t0 = time.monotonic()
-            assert closed_within(kept, 4)[0]
-            assert time.monotonic() - t0 < 2.0
+            assert closed_within(kept, 10)[0]
 
 
 def test_200_idle_sockets_do_not_stop_a_client(search_app) -> None:
@@ -265,34 +262,34 @@ def test_200_idle_sockets_do_not_stop_a_client(search_app) -> None:
         try:
             for i, sock in enumerate(idle[::2]):  # half of them sent part of a head
                 sock.sendall(b"GET /search?q=a HTTP/1.1\r\nHo" if i % 2 else b"G")
-            t0 = time.monotonic()
-            answer = request(port, "GET", "/search?q=a%20red%20circle&k=2", timeout=10)
+            answer = request(port, "GET", "/search?q=a%20red%20circle&k=2", timeout=30)
             assert answer is not None and answer.status == 200 and len(answer.json()["hits"]) == 2
-            assert time.monotonic() - t0 < 10
         finally:
             for sock in idle:
                 sock.close()
 
 
 def test_connection_cap_evicts_idle_then_refuses_with_503(search_app) -> None:
-    limits = HttpLimits(max_connections=4, header_timeout_s=30)
+    limits = HttpLimits(max_connections=4, header_timeout_s=60, search_workers=4)
     with running(search_app[0], limits) as port:
         idle = [connect(port) for _ in range(4)]
         try:
-            time.sleep(0.2)
             answer = request(port, "GET", "/info")  # the oldest idle connection makes room
             assert answer is not None and answer.status == 200
-            assert closed_within(idle[0], 3)[0]
+            assert closed_within(idle[0], 10)[0]
+            assert not closed_within(idle[1], 0.2)[0]
         finally:
             for sock in idle:
                 sock.close()
-        # Four requests in flight (heads sent, bodies pending): nothing to evict, a fifth is refused.
+        # Four requests in flight (heads read, bodies pending): nothing to evict, a fifth is refused.
         busy = [connect(port) for _ in range(4)]
         try:
             for sock in busy:
                 sock.sendall(f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json"
-                             f"\r\nContent-Length: 100\r\n\r\n{{".encode())
-            time.sleep(0.3)
+                             f"\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n".encode())
+            for sock in busy:  # the app asked for the body: the request is in flight
+                interim = read_answer(sock)
+                assert interim is not None and interim.status == 100
             answer = request(port, "GET", "/info")
             assert answer is not None and answer.status == 503, answer
             assert answer.headers.get("retry-after") == "1" and "connections" in answer.json()["detail"]
@@ -312,7 +309,7 @@ def test_work_queue_answers_every_request() -> None:
     async def slow_search(scope, receive, send):
         if scope["type"] != "http":
             return
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)  # long enough for all six to arrive while the first runs
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
         await send({"type": "http.response.body", "body": b"done"})
 
