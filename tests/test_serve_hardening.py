@@ -256,6 +256,19 @@ def test_idle_and_keep_alive_connections_are_closed(search_app) -> None:
             assert closed_within(kept, 10)[0]
 
 
+def test_slow_request_body_is_cut_at_the_timeout(search_app) -> None:
+    with running(search_app[0], HttpLimits(body_timeout_s=1.0, header_timeout_s=60, search_workers=2)) as port:
+        with connect(port) as sock:
+            sock.sendall(f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n".encode())
+            interim = read_answer(sock)  # the head is read and the app waits for the body
+            assert interim is not None and interim.status == 100
+            sock.sendall(b'{"queries": [')  # then nothing: 987 bytes never come
+            assert closed_within(sock, 10)[0]
+        answer = request(port, "GET", "/search?q=a%20red%20circle&k=1")  # the server goes on
+        assert answer is not None and answer.status == 200
+
+
 def test_200_idle_sockets_do_not_stop_a_client(search_app) -> None:
     with running(search_app[0]) as port:
         idle = [connect(port) for _ in range(200)]
