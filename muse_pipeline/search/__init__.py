@@ -14,7 +14,9 @@
 - `query`: the index's text side (CLIP source, text adapter), `QueryEncoder` and `Searcher`.
 - `live`: the server's `LiveSearcher` (a new generation picked up without a restart).
 - `html`: the self-contained results page of `muse search --html`.
-- `app`: the `muse serve` web app (FastAPI) and its runner; the page is `static/`.
+- `app`: the `muse serve` web app (FastAPI); the page is `static/`.
+- `http_limits`, `asgi_guards`, `server`: the server's bounds, the middleware that enforces them before
+  the app, and the runner (bind first, uvicorn's h11 protocol with head/body deadlines and a connection cap).
 
 `muse_pipeline.stages.search` (build or update an index from a run or zero-shot CLIP) and `muse_pipeline.stages.serve` only
 orchestrate these.

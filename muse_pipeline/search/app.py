@@ -22,18 +22,18 @@ Routes:
 - `GET /info` what the index is (size, search kind, CLIP weights, the random-init note, the limits).
 
 Bounds (`limits`): a query has at most MAX_QUERY_CHARS characters, k is in [1, MAX_K], a batch has
-at most MAX_BATCH queries; a request outside them is a 422, a query the searcher refuses a 400.
+at most MAX_BATCH queries; a request outside them, or a query that is not text (`http_limits.QueryText`),
+is a 422 with a one-line detail that never echoes the input; a query the searcher refuses is a 400.
 Every response carries SECURITY_HEADERS (a Content-Security-Policy allowing only this server's
-own script, style, images and media).
+own script, style, images and media). The server's limits, the answers made outside the routes
+(413, 421, 503, HEAD) and the runner are `server` and `asgi_guards`.
 """
 
 from __future__ import annotations
 
-import errno
 import html
 import logging
 import mimetypes
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -42,6 +42,7 @@ from importlib.resources import files
 from typing import Any
 from urllib.parse import quote
 
+from muse_pipeline.search.http_limits import QueryText, install_error_handlers
 from muse_pipeline.search.limits import DEFAULT_K, MAX_BATCH, MAX_K, MAX_QUERY_CHARS
 from muse_pipeline.search.live import LiveSearcher
 from muse_pipeline.search.query import RANDOM_INIT_NOTE, Searcher
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 THUMB_FRAMES = 4
 THUMB_HEIGHT = 96
 THUMB_CACHE = 512  # strips kept in memory (~10 KB each)
-LISTEN_BACKLOG = 128  # connections the kernel queues while the server loads
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
@@ -100,6 +100,7 @@ def create_app(searcher: Searcher | LiveSearcher):
     thumbs = _ThumbCache(THUMB_CACHE)
     page_template, app_js, app_css = static_text("index.html"), static_text("app.js"), static_text("app.css")
     app = FastAPI(title="muse search", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -121,7 +122,7 @@ def create_app(searcher: Searcher | LiveSearcher):
 
     @app.get("/search")
     def search_get(
-        q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="query text"),
+        q: QueryText = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="query text"),
         k: int = Query(DEFAULT_K, ge=1, le=MAX_K, description="number of hits (files with group)"),
         group: bool = Query(False, description="one entry per file with its moments, best first"),
     ) -> dict[str, Any]:
@@ -143,7 +144,7 @@ def create_app(searcher: Searcher | LiveSearcher):
 
     @app.post("/search")
     def search_post(
-        queries: list[str] = Body(..., embed=True, min_length=1, max_length=MAX_BATCH),
+        queries: list[QueryText] = Body(..., embed=True, min_length=1, max_length=MAX_BATCH),
         k: int = Body(DEFAULT_K, embed=True, ge=1, le=MAX_K),
     ) -> dict[str, Any]:
         for q in queries:
@@ -234,38 +235,3 @@ def create_app(searcher: Searcher | LiveSearcher):
 
     return app
 
-
-def bind_listener(host: str = "127.0.0.1", port: int = 8080) -> socket.socket:
-    """A listening TCP socket on host:port, bound before anything slow loads: connections that arrive
-    while the index and the text tower load wait in its backlog and are answered once `run_app`
-    starts. A port in use or a host that cannot be bound is a one-line UserError."""
-    from muse_pipeline.errors import UserError
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise UserError(f"cannot bind host {host!r} ({exc.strerror}); pass --host with an address of "
-                        "this machine") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        what = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
-        raise UserError(f"port {port} on {host} {what}; pass another --port") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def run_app(app, host: str = "127.0.0.1", port: int = 8080, sock: socket.socket | None = None) -> None:
-    """Answer requests to `app` on host:port (uvicorn, warnings only) until interrupted; on `sock`
-    (from `bind_listener`) where given, else on a socket uvicorn binds itself."""
-    import uvicorn
-
-    if sock is None:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-        return
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
