@@ -432,7 +432,7 @@ def test_port_in_use_is_one_line_before_clip_loads(monkeypatch: pytest.MonkeyPat
     from muse_pipeline.cli.main import app
 
     loaded = []
-    monkeypatch.setattr(serve_stage, "Searcher", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(serve_stage, "LiveSearcher", lambda *a, **k: loaded.append(a))
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
