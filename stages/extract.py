@@ -34,13 +34,14 @@ from muse_pipeline.extract.config import (
 )
 from muse_pipeline.extract.encoders import ENCODER_CACHE
 from muse_pipeline.extract.jobs import plan_shard_jobs, plan_text_jobs
+from muse_pipeline.extract.rows import planned_rows, probe_files
 from muse_pipeline.extract.staging import count_finished, merge_staged_ledgers, retry_failed_videos
 from muse_pipeline.extract.worker import process_shard, process_texts
 
 
-def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None):
-    """Create the store, or reopen it when its fingerprint matches (FingerprintMismatch otherwise).
-    Returns (FeatureCache, staging folder)."""
+def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None, facts=None):
+    """Create the store with the rows of `index` (and their `facts`), or reopen it when its
+    fingerprint matches (FingerprintMismatch otherwise). Returns (FeatureCache, staging folder)."""
     from muse_pipeline.cache.store import FeatureCache
 
     # The client needs the model's geometry and weights identity, and the tokenizer for the texts.
@@ -58,7 +59,7 @@ def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None):
     cache = FeatureCache.open_or_create(
         path, index, frames=cfg.max_frames, num_tokens=encoder.num_tokens, dim=encoder.dim,
         words=cfg.max_words, fingerprint=build_fingerprint(cfg, index, info),
-        videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite, text_tokens=text_tokens,
+        videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite, text_tokens=text_tokens, facts=facts,
     )
     return cache, staging
 
@@ -97,13 +98,16 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     index = load_dataset(cfg.dataset, Path(cfg.data_root).resolve(), cfg.splits)
     if not index.videos:
         raise InputError(f"no videos found for {cfg.dataset} under {cfg.data_root}; nothing to extract")
+    # Rows are fixed when the store is created: long folder files are probed and cut into windows.
+    durations = probe_files(index) if cfg.window_spec.enabled else None
+    index, facts = planned_rows(index, cfg.window_spec, durations)
     encoder = ENCODER_CACHE.get(cfg.model, cfg.pretrained, "cpu")
     if cfg.max_words > encoder.context_length:
         raise InputError(f"--words must be <= {encoder.context_length} for {cfg.model}, got {cfg.max_words}")
     check_output(path, needed_bytes(cfg, index, encoder.num_tokens, encoder.dim, path))
     try:
         with StoreLock(path) as lock:
-            return _run_locked(cfg, index, encoder, lock.run, t0)
+            return _run_locked(cfg, index, facts, encoder, lock.run, t0)
     except OSError as err:
         if err.errno in DISK_ERRNOS:
             raise OutputError(
@@ -113,8 +117,8 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
         raise
 
 
-def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, run: str, t0: float) -> ExtractSummary:
-    cache, staging = open_store(cfg, index, encoder)
+def _run_locked(cfg: ExtractConfig, index: DatasetIndex, facts, encoder, run: str, t0: float) -> ExtractSummary:
+    cache, staging = open_store(cfg, index, encoder, facts)
     merge_staged_ledgers(cache, staging)
     retried = retry_failed_videos(index, cache, staging, retry_all=cfg.retry_failed)
     in_process = cfg.workers == 0 and cfg.scheduler is None
@@ -124,7 +128,7 @@ def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, run: str, t0: 
     decode_workers = cfg.decode_workers
     if decode_workers is None:
         decode_workers = default_decode_workers(cfg.device, n_local or 1)
-    shard_jobs = plan_shard_jobs(cfg, index, cache, staging, threads, run, decode_workers)
+    shard_jobs = plan_shard_jobs(cfg, cache, staging, threads, run, decode_workers)
     text_jobs = plan_text_jobs(cfg, cache, threads, run)
     done_before = count_finished(cache, staging)
 

@@ -22,7 +22,7 @@ SAMPLING = "fps=1;pts<=t;linspace(0,n-1,T);upright;clip4clip"
 def build_fingerprint(cfg: ExtractConfig, index: DatasetIndex, encoder_info: dict) -> dict:
     """The fingerprint of a cache of `index` made with `cfg` and the encoder `encoder_info`
     (`ClipEncoder.describe()`: weights_id, image_size, num_tokens, dim, ...)."""
-    return {
+    fingerprint = {
         "dataset": cfg.dataset,
         "splits": sorted({v.split for v in index.videos}),
         "model": cfg.model,
@@ -44,3 +44,7 @@ def build_fingerprint(cfg: ExtractConfig, index: DatasetIndex, encoder_info: dic
         "code_version": __version__,
         "encoder": encoder_info,
     }
+    if cfg.dataset == "folder":
+        # the auto-window grid decides which rows exist and how their frames are sampled
+        fingerprint["windows"] = cfg.window_spec.describe()
+    return fingerprint

@@ -36,9 +36,11 @@ from muse_pipeline.cache.schema import (
     FORMAT,
     FORMAT_VERSION,
     PENDING,
+    RETIRED,
     ROW_CHUNK,
     TOKEN_CODECS,
     TOKEN_COMPRESSION,
+    RowFacts,
     StoreLayout,
     check_positive,
     create_store,
@@ -51,7 +53,7 @@ from muse_pipeline.data.base import SPLITS, DatasetIndex
 
 # Re-exported: importers take these from the store (extract's text chunk, the HDF5 export, tests).
 __all__ = [
-    "CACHED", "FAILED", "FORMAT", "FORMAT_VERSION", "PENDING", "ROW_CHUNK", "TOKEN_CODECS", "TOKEN_COMPRESSION",
+    "CACHED", "FAILED", "FORMAT", "FORMAT_VERSION", "PENDING", "RETIRED", "ROW_CHUNK", "RowFacts", "TOKEN_CODECS", "TOKEN_COMPRESSION",
     "FeatureCache", "FingerprintMismatch", "default_videos_per_shard",
 ]
 
@@ -102,9 +104,11 @@ class FeatureCache:
         overwrite: bool = False,
         text_tokens: np.ndarray | None = None,
         compression: str | None = TOKEN_COMPRESSION,
+        facts: RowFacts | None = None,
     ) -> FeatureCache:
         """Create an empty cache for `index` (all videos pending) and open it for writing.
 
+        `facts`: each row's file duration and state (schema.RowFacts; unknown when None).
         `text_tokens` int32 [M, W] (optional): caption token ids, written now; embeddings come later.
         An existing cache at `path` is an error unless `overwrite` (which deletes it first).
         `compression`: codec of the video tokens, None or "zstd" (see TOKEN_COMPRESSION).
@@ -140,7 +144,7 @@ class FeatureCache:
             shutil.rmtree(tmp)
 
         create_store(tmp, index, StoreLayout(frames, num_tokens, dim, words, videos_per_shard, compression, fp,
-                                             text_tokens))
+                                             text_tokens), facts)
         os.replace(tmp, path)
         return cls(path, mode="r+")
 
@@ -249,6 +253,39 @@ class FeatureCache:
         end = np.asarray(self._videos["end"][:], dtype=np.float64)
         return np.stack([start[idx], end[idx]], axis=1)
 
+    def _row_array(self, name: str, rows: Sequence[int] | np.ndarray, fill: Any) -> np.ndarray:
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_videos):
+            raise IndexError(f"video indices out of range [0, {self.n_videos})")
+        if name not in self._videos:  # a store made before this array existed
+            return np.full(idx.size, fill)
+        key = f"videos/{name}"
+        if key not in self._meta:
+            self._meta[key] = self._videos[name][:]
+        return np.asarray(self._meta[key])[idx]
+
+    def read_durations(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float64 [len(rows)]: the length in seconds of each row's file (NaN unknown or an old store)."""
+        return self._row_array("duration", rows, np.nan).astype(np.float64)
+
+    def read_sources(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """The id of the file each row comes from (= the row id for whole-file rows and old stores)."""
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if "source" not in self._videos:
+            ids = self.video_ids
+            return [ids[i] for i in idx]
+        return [str(s) for s in self._row_array("source", idx, "")]
+
+    def read_grid_steps(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float64 [len(rows)]: seconds between an auto window's frames; NaN for clip-protocol rows."""
+        return self._row_array("grid_step", rows, np.nan).astype(np.float64)
+
+    def read_file_states(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """int64 [len(rows), 2]: (size, mtime_ns) of each row's file when it was planned; -1 unknown."""
+        size = self._row_array("file_size", rows, -1).astype(np.int64)
+        mtime = self._row_array("file_mtime_ns", rows, -1).astype(np.int64)
+        return np.stack([size, mtime], axis=1)
+
     def __repr__(self) -> str:
         return (
             f"FeatureCache({str(self.path)!r}, mode={self.mode!r}, videos={self.n_videos}, texts={self.n_texts}, "
@@ -284,8 +321,8 @@ class FeatureCache:
             raise ValueError(
                 f"rows [{lo}, {hi}) span shards {self.shard_of(lo)}..{self.shard_of(hi - 1)}; write one shard at a time"
             )
-        if done.max(initial=0) > FAILED:
-            raise ValueError("done values must be 0 (pending), 1 (cached) or 2 (failed)")
+        if done.max(initial=0) > RETIRED:
+            raise ValueError("done values must be 0 (pending), 1 (cached), 2 (failed) or 3 (retired)")
         self._tokens[lo:hi] = tokens
         self._mask[lo:hi] = mask
         self._done[lo:hi] = done  # last: a video is done only once its tokens are stored
@@ -410,7 +447,7 @@ class FeatureCache:
         return np.concatenate([self._mask[lo:hi] for lo, hi, _ in runs(rows)])
 
     def read_done(self) -> np.ndarray:
-        """uint8 [N]: 0 pending, 1 cached, 2 failed (as stored)."""
+        """uint8 [N]: 0 pending, 1 cached, 2 failed, 3 retired (as stored)."""
         return self._done[:]
 
     def read_text_done(self) -> np.ndarray:
@@ -460,6 +497,7 @@ class FeatureCache:
             "videos": self.n_videos,
             "cached": int((done == CACHED).sum()),
             "failed": int((done == FAILED).sum()),
+            "retired": int((done == RETIRED).sum()),
             "pending": int((done == PENDING).sum()),
             "texts": self.n_texts,
             "texts_done": int(self._t_done[:].sum()) if self.n_texts else 0,

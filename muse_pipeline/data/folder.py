@@ -284,7 +284,9 @@ def load_folder(root: Path) -> DatasetIndex:
         clip_split, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0, k[2] is not None, k[2] or 0.0)
     )
     videos = tuple(
-        VideoItem(clip_id(k), ids[k[0]], clip_split[k] or "test", start=k[1], end=k[2]) for k in keys
+        VideoItem(clip_id(k), ids[k[0]], clip_split[k] or "test", start=k[1], end=k[2],
+                  source=None if k[1] is None and k[2] is None else k[0])
+        for k in keys
     )
     position = {k: i for i, k in enumerate(keys)}
     ordered = sorted(enumerate(caption_rows), key=lambda t: (position[t[1][0]], t[0]))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from muse_pipeline.config import preset
 from muse_pipeline.errors import InputError, UserError
+from muse_pipeline.extract.windows import WindowSpec, window_spec
 
 if TYPE_CHECKING:
     from muse_pipeline.data import DatasetIndex
@@ -54,6 +55,15 @@ class ExtractConfig:
     precision: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     decode_workers: int | None = None  # None: threads on CPU, a process pool on CUDA; 0: threads
     dashboard: bool = False
+    window: int | None = None  # folder: auto-window length (s); None: 2 s per frame; 0: whole files
+    stride: int | None = None  # folder: seconds between window starts; None: half a window
+
+    @property
+    def window_spec(self) -> WindowSpec:
+        """The auto windows of the folder dataset (disabled for annotated datasets: their clips are given)."""
+        if self.dataset != "folder":
+            return WindowSpec(0, 0, self.max_frames)
+        return window_spec(self.window, self.stride, self.max_frames)
 
     @property
     def max_frames(self) -> int:
@@ -175,6 +185,12 @@ def check_config(cfg: ExtractConfig) -> None:
     unknown = [s for s in cfg.splits or () if s not in SPLITS]
     if unknown:
         raise InputError(f"unknown split(s) {', '.join(unknown)}; choose from: {', '.join(SPLITS)}")
+    if cfg.dataset != "folder" and (cfg.window is not None or cfg.stride is not None):
+        raise InputError(f"--window / --stride cut the files of --dataset folder; {cfg.dataset} clips are given "
+                         "by its annotations")
+    if cfg.stride is not None and cfg.stride < 1:
+        raise InputError(f"--stride must be >= 1 second, got {cfg.stride}")
+    cfg.window_spec  # noqa: B018  (InputError for a window the frames do not divide)
     check_device(cfg.device)
     root = Path(cfg.data_root)
     if cfg.dataset != "synthetic" and not root.is_dir():  # synthetic generates a missing root
