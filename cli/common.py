@@ -128,6 +128,8 @@ def print_warnings(warnings: list[dict], limit: int = 20) -> None:
 def print_extract_summary(summary) -> None:
     table = Table(title="extraction summary", title_justify="left", show_header=False)
     table.add_row("store", str(summary.store))
+    if getattr(summary, "library", None):
+        table.add_row("library", f"{summary.library} (files)")
     table.add_row("videos", f"{summary.n_cached} cached, {summary.n_failed} failed, of {summary.n_videos}")
     table.add_row("texts", str(summary.n_texts))
     rate = summary.frames_encoded / summary.seconds if summary.seconds > 0 else 0.0

@@ -18,7 +18,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from muse_pipeline.cache.compat import check_growing_fingerprint
 from muse_pipeline.cache.fingerprint import build_fingerprint
+from muse_pipeline.cache.schema import RETIRED
 from muse_pipeline.data import DatasetIndex, load_dataset
 from muse_pipeline.errors import InputError
 from muse_pipeline.extract.config import (
@@ -34,6 +36,7 @@ from muse_pipeline.extract.config import (
 )
 from muse_pipeline.extract.encoders import ENCODER_CACHE
 from muse_pipeline.extract.jobs import plan_shard_jobs, plan_text_jobs
+from muse_pipeline.extract.library import plan_update, text_rows
 from muse_pipeline.extract.rows import planned_rows, probe_files
 from muse_pipeline.extract.staging import count_finished, merge_staged_ledgers, retry_failed_videos
 from muse_pipeline.extract.worker import process_shard, process_texts
@@ -60,6 +63,7 @@ def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None, facts=None
         path, index, frames=cfg.max_frames, num_tokens=encoder.num_tokens, dim=encoder.dim,
         words=cfg.max_words, fingerprint=build_fingerprint(cfg, index, info),
         videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite, text_tokens=text_tokens, facts=facts,
+        growing=cfg.dataset == "folder",
     )
     return cache, staging
 
@@ -98,16 +102,12 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     index = load_dataset(cfg.dataset, Path(cfg.data_root).resolve(), cfg.splits)
     if not index.videos:
         raise InputError(f"no videos found for {cfg.dataset} under {cfg.data_root}; nothing to extract")
-    # Rows are fixed when the store is created: long folder files are probed and cut into windows.
-    durations = probe_files(index) if cfg.window_spec.enabled else None
-    index, facts = planned_rows(index, cfg.window_spec, durations)
     encoder = ENCODER_CACHE.get(cfg.model, cfg.pretrained, "cpu")
     if cfg.max_words > encoder.context_length:
         raise InputError(f"--words must be <= {encoder.context_length} for {cfg.model}, got {cfg.max_words}")
-    check_output(path, needed_bytes(cfg, index, encoder.num_tokens, encoder.dim, path))
     try:
         with StoreLock(path) as lock:
-            return _run_locked(cfg, index, facts, encoder, lock.run, t0)
+            return _run_locked(cfg, index, encoder, lock.run, t0)
     except OSError as err:
         if err.errno in DISK_ERRNOS:
             raise OutputError(
@@ -117,10 +117,59 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
         raise
 
 
-def _run_locked(cfg: ExtractConfig, index: DatasetIndex, facts, encoder, run: str, t0: float) -> ExtractSummary:
-    cache, staging = open_store(cfg, index, encoder, facts)
+def _growing_store(cfg: ExtractConfig, path: Path):
+    """The existing store of a folder library, open for writing (None: create or resume as usual)."""
+    from muse_pipeline.cache.schema import is_cache_dir
+    from muse_pipeline.cache.store import FeatureCache
+
+    if cfg.dataset != "folder" or cfg.overwrite or not is_cache_dir(path):
+        return None
+    cache = FeatureCache.open(path, mode="r+")
+    return cache if cache.has_row_facts else None  # a store made before libraries could grow: as before
+
+
+def _prepare_store(cfg: ExtractConfig, index: DatasetIndex, encoder) -> tuple:
+    """Create the store, or bring a folder library's store up to its folder (`extract/library.py`),
+    or reopen it to resume. Everything is planned and the disk checked before the first write.
+    Returns (cache, staging folder, the library's changes in words or None)."""
+    path = cfg.store_path()
+    info = encoder.describe()
+    fingerprint = build_fingerprint(cfg, index, info)
+    cache = _growing_store(cfg, path)
+    if cache is None:
+        durations = probe_files(index) if cfg.window_spec.enabled else None
+        rows, facts = planned_rows(index, cfg.window_spec, durations)
+        check_output(path, needed_bytes(cfg, rows, encoder.num_tokens, encoder.dim, path))
+        fresh = cfg.overwrite or not path.exists()
+        cache, staging = open_store(cfg, rows, encoder, facts)
+        if not (fresh and cfg.dataset == "folder"):
+            return cache, staging, None
+        counts = {"new": len({v.source_id for v in rows.videos}), "changed": 0, "removed": 0, "unchanged": 0}
+        cache.record_generation({"generation": 1, "rows": [0, cache.n_videos], **counts})
+        return cache, staging, ", ".join(f"{n} {word}" for word, n in counts.items())
+    check_growing_fingerprint(cache, fingerprint)
+    update = plan_update(cache, index, cfg.window_spec)
+    check_output(path, needed_bytes(cfg, update.rows, encoder.num_tokens, encoder.dim, path,
+                                    extra_rows=len(update.rows.videos)))
+    staging = Path(str(path) + ".staging")
+    if update.changes_anything:
+        lo = hi = cache.n_videos
+        if update.rows.videos:
+            lo, hi = cache.append_generation(update.rows, update.facts)
+        # recorded before the retirements: an interruption after the append keeps the record of its rows
+        active = int((cache.read_done() != RETIRED).sum()) - int(update.retire.size)
+        cache.record_generation({"generation": len(cache.generations) + 1, "rows": [lo, hi], **update.counts()},
+                                fingerprint={**fingerprint, "n_videos": active})
+        cache.retire(update.retire)
+        if cache.n_texts:
+            cache.set_text_videos(text_rows(cache, index))
+    return cache, staging, update.describe()
+
+
+def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, run: str, t0: float) -> ExtractSummary:
+    cache, staging, library = _prepare_store(cfg, index, encoder)
     merge_staged_ledgers(cache, staging)
-    retried = retry_failed_videos(index, cache, staging, retry_all=cfg.retry_failed)
+    retried = retry_failed_videos(cache, staging, retry_all=cfg.retry_failed)
     in_process = cfg.workers == 0 and cfg.scheduler is None
     n_local = None if in_process or cfg.scheduler else (cfg.workers or default_workers(cfg.device))
     # CPU cores shared out between the local workers; remote workers keep their own settings
@@ -134,7 +183,8 @@ def _run_locked(cfg: ExtractConfig, index: DatasetIndex, facts, encoder, run: st
 
     from muse_pipeline.progress import ExtractProgress
 
-    progress = ExtractProgress(total=len(index.videos), completed=done_before, quiet=cfg.quiet)
+    live = int((cache.read_done() != RETIRED).sum())
+    progress = ExtractProgress(total=live, completed=done_before, quiet=cfg.quiet)
     results: list[dict] = []
     with progress:
         if in_process:
@@ -152,12 +202,13 @@ def _run_locked(cfg: ExtractConfig, index: DatasetIndex, facts, encoder, run: st
     cache = type(cache).open(cache.path, mode="r+")
     merge_staged_ledgers(cache, staging)
     done = cache.read_done()
-    if (done != 0).all() and cache.read_text_done().all() and staging.exists():
+    if (done != 0).all() and cache.read_text_done().all() and staging.exists():  # retired rows are not pending
         shutil.rmtree(staging)
     return ExtractSummary(
-        store=Path(cache.path), n_videos=len(done), n_cached=int((done == 1).sum()),
+        store=Path(cache.path), n_videos=int((done != RETIRED).sum()), n_cached=int((done == 1).sum()),
         n_failed=int((done == 2).sum()), n_texts=cache.n_texts,
         frames_encoded=sum(r["frames"] for r in results), seconds=time.perf_counter() - t0,
         failures=cache.failures, max_failures=cfg.max_failures, warnings=cache.warnings,
         retried=retried, batch_sizes=[b for r in results for b in r.get("batch_sizes", [])],
+        library=library,
     )

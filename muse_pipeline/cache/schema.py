@@ -123,7 +123,8 @@ def row_values(index: DatasetIndex, facts: RowFacts | None = None) -> dict[str, 
 
 def create_row_arrays(videos, n: int, values: dict[str, np.ndarray] | None) -> None:
     """Create the per-row arrays of group `videos` with n rows, filled with `values` when given."""
-    row_chunk = (max(1, min(n, ROW_CHUNK)),)
+    # at least 4096 rows per chunk: a store that grows from a few rows keeps few chunks
+    row_chunk = (min(max(n, 4096), ROW_CHUNK),)
     for name in ROW_STRINGS:
         videos.create_array(name, shape=(n,), dtype=str, chunks=row_chunk, dimension_names=("video",))
     for names, dtype in ((ROW_FLOATS, "float64"), (ROW_INTS, "int64")):

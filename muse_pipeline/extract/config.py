@@ -106,6 +106,8 @@ class ExtractSummary:
     warnings: list[dict] = field(default_factory=list)
     retried: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # frames per encoder forward, this run
+    library: str | None = None  # a folder library's update: "3 new, 1 changed, 1 removed, 11 unchanged"
+    path_taken: str = ""  # where the work ran: in this process or on dask, and why
 
     @property
     def failure_rate(self) -> float:
@@ -244,16 +246,18 @@ def check_output(store: Path, needed_bytes: int = 0) -> None:
         )
 
 
-def needed_bytes(cfg: ExtractConfig, index: DatasetIndex, num_tokens: int, dim: int, store: Path) -> int:
+def needed_bytes(cfg: ExtractConfig, index: DatasetIndex, num_tokens: int, dim: int, store: Path,
+                 extra_rows: int = 0) -> int:
     """Upper bound of what this run still writes: float16 tokens of the pending videos (compression
-    saves under 10% on tokens), the text embeddings, plus one staged shard."""
+    saves under 10% on tokens), the text embeddings, plus one staged shard. `extra_rows`: rows this
+    run appends to an existing store (a growing library)."""
     per_video = cfg.max_frames * num_tokens * dim * 2
     pending = len(index.videos)
     if store.exists():
         try:
             from muse_pipeline.cache.store import FeatureCache
 
-            pending = int((FeatureCache.open(store).read_done() == 0).sum())
+            pending = int((FeatureCache.open(store).read_done() == 0).sum()) + extra_rows
         except (OSError, ValueError, KeyError):
             pass
     return pending * per_video + len(index.captions) * dim * 2
