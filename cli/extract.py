@@ -38,7 +38,7 @@ def extract_cmd(
     workers: int = typer.Option(None, help="Local dask workers (default: sized to the machine; 0: in this process, no dask)."),
     scheduler: str = typer.Option(None, help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786.", show_default="a LocalCluster"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N (cuda: one worker per GPU)."),
-    cache_dir: Path = typer.Option(Path("cache"), help="Cache root; the store goes to <cache-dir>/<dataset>/<model>-<frames>f.zarr."),
+    cache_dir: Path = typer.Option(Path("cache"), help="Cache root; the store goes to <cache-dir>/<dataset>/<model>-<frames>f.zarr (folder: <cache-dir>/folder/<root name>-<hash>/...)."),
     out: Path = typer.Option(None, help="Store path (overrides --cache-dir).", show_default="<cache-dir>/<dataset>/<model>-<frames>f.zarr"),
     overwrite: bool = typer.Option(False, help="Delete an existing store with other settings and start over."),
     videos_per_shard: int = typer.Option(None, help="Videos per shard file (default: ~256 MB shards)."),

@@ -29,6 +29,7 @@ from muse_pipeline.extract.config import (
     ExtractSummary,
     OutputError,
     check_config,
+    check_library_root,
     check_output,
     default_decode_workers,
     default_workers,
@@ -96,6 +97,7 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     check_config(cfg)
     path = cfg.store_path()
     check_output(path)
+    check_library_root(cfg, path)
     ensure_unlocked(path)
     cfg = _stored_batching(cfg)
     # absolute paths in the store, so that search thumbnails work from any directory

@@ -12,6 +12,7 @@ import pytest
 import muse_pipeline.video.decode as decode_module
 import muse_pipeline.video.grid as grid_module
 from muse_pipeline.cache.store import RETIRED, FeatureCache
+from muse_pipeline.errors import InputError
 from muse_pipeline.evaluation.embed import split_members
 from muse_pipeline.extract.config import ExtractConfig
 from muse_pipeline.stages.extract import run_extract
@@ -143,3 +144,46 @@ def test_an_update_interrupted_before_retiring_is_finished_by_the_same_command(f
     assert len(after) == 10 and {"c", "f", "g", "sub/h"} <= set(after) and "b" not in after
     assert (cache.read_done()[list(after.values())] == 1).all()
     assert [g["new"] for g in cache.generations] == [6, 3, 0]  # the interrupted run's rows are on record
+
+
+def test_two_libraries_get_two_default_stores_and_a_foreign_store_is_refused(tmp_path, timed_video):
+    roots = []
+    for name in ("holiday", "work"):
+        root = tmp_path / name
+        root.mkdir()
+        _clip(timed_video, root / "x.mp4", 2.0, 7)
+        roots.append(root)
+    cache_dir = tmp_path / "cache"
+    stores = []
+    for root in roots:
+        cfg = ExtractConfig(dataset="folder", data_root=root, model=MODEL, frames=4, cache_dir=cache_dir,
+                            workers=0, quiet=True)
+        stores.append(run_extract(cfg).store)
+    assert stores[0] != stores[1]
+    assert stores[0].parent.parent == stores[1].parent.parent == cache_dir / "folder"
+    assert stores[0].parent.name.startswith("holiday-") and stores[1].parent.name.startswith("work-")
+    # --out at the other library's store: refused, pointing to --out and never to --overwrite
+    with pytest.raises(InputError) as refused:
+        run_extract(ExtractConfig(dataset="folder", data_root=roots[1], model=MODEL, frames=4, out=stores[0],
+                                  workers=0, quiet=True))
+    message = str(refused.value)
+    assert "--out" in message and "--overwrite" not in message and str(roots[0]) in message
+    assert FeatureCache.open(stores[0]).fingerprint["data_root"] == str(roots[0].resolve())
+
+
+def test_the_cli_refusal_is_one_line(tmp_path, timed_video):
+    import subprocess
+    import sys
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        _clip(timed_video, tmp_path / name / "x.mp4", 2.0, 3)
+    base = [sys.executable, "-m", "muse_pipeline.cli.main", "extract", "--dataset", "folder", "--model", MODEL,
+            "--frames", "4", "--workers", "0", "--quiet", "--out", str(tmp_path / "s.zarr")]
+    first = subprocess.run([*base, "--data-root", str(tmp_path / "one")], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run([*base, "--data-root", str(tmp_path / "two")], capture_output=True, text=True)
+    assert second.returncode != 0
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--out" in lines[0]
+    assert "--overwrite" not in lines[0]

@@ -8,6 +8,7 @@ with (1 fps at presentation times, linspace subsample to T frames, upright, CLIP
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from muse_pipeline import __version__
@@ -47,4 +48,5 @@ def build_fingerprint(cfg: ExtractConfig, index: DatasetIndex, encoder_info: dic
     if cfg.dataset == "folder":
         # the auto-window grid decides which rows exist and how their frames are sampled
         fingerprint["windows"] = cfg.window_spec.describe()
+        fingerprint["data_root"] = str(Path(cfg.data_root).resolve())  # one store per library
     return fingerprint

@@ -86,10 +86,43 @@ class ExtractConfig:
         return max(1, frames // self.max_frames)
 
     def store_path(self) -> Path:
+        """--out, else `<cache-dir>/<dataset>/<model>-<frames>f.zarr`; a folder library's store goes
+        under a folder named after its data root (`library_name`): two libraries never share one."""
         if self.out is not None:
             return Path(self.out)
         safe_model = self.model.replace("/", "-")
-        return Path(self.cache_dir) / self.dataset / f"{safe_model}-{self.max_frames}f.zarr"
+        base = Path(self.cache_dir) / self.dataset
+        if self.dataset == "folder":
+            base = base / library_name(self.data_root)
+        return base / f"{safe_model}-{self.max_frames}f.zarr"
+
+
+def library_name(data_root: Path | str) -> str:
+    """`<root folder name>-<8 hex of sha256 of the resolved root>`: readable, and unique per folder."""
+    import hashlib
+
+    root = Path(data_root).resolve()
+    name = re.sub(r"[^\w.-]+", "_", root.name).strip("._") or "root"
+    return f"{name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+
+def check_library_root(cfg: ExtractConfig, store: Path) -> None:
+    """InputError when `store` holds the library of another data root (folder dataset, without
+    --overwrite): one store per library; the fix is another --out, never deleting the other one."""
+    if cfg.dataset != "folder" or cfg.overwrite or not (Path(store) / "zarr.json").is_file():
+        return
+    try:
+        from muse_pipeline.cache.store import FeatureCache
+
+        stored = FeatureCache.open(store).fingerprint.get("data_root")
+    except (OSError, ValueError, KeyError):
+        return
+    root = str(Path(cfg.data_root).resolve())
+    if stored is not None and stored != root:
+        raise InputError(
+            f"{store} holds the library of {stored}, not {root}; give this folder its own store: "
+            "pass another --out (or leave --out out: the default store is named after the folder)"
+        )
 
 
 @dataclass
