@@ -7,11 +7,13 @@ per store, shards, encoder groups; `staging`: resume and crash safety) and the f
 Order of a run: validate every option and input, check the output folder, refuse if another run
 holds the store, load the dataset and CLIP; only then lock and create/open the store, merge what an
 earlier run staged, set failed videos back to pending where due, and run the shard and text jobs
-(in this process with `--workers 0`, else on dask).
+(in this process with `--workers 0` or where a LocalCluster would get one CPU worker, else on dask;
+`config.choose_work_plan` decides and the run says which in one line).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -31,8 +33,8 @@ from muse_pipeline.extract.config import (
     check_config,
     check_library_root,
     check_output,
+    choose_work_plan,
     default_decode_workers,
-    default_workers,
     needed_bytes,
 )
 from muse_pipeline.extract.encoders import ENCODER_CACHE
@@ -41,6 +43,8 @@ from muse_pipeline.extract.library import plan_update, text_rows
 from muse_pipeline.extract.rows import planned_rows, probe_files
 from muse_pipeline.extract.staging import count_finished, merge_staged_ledgers, retry_failed_videos
 from muse_pipeline.extract.worker import process_shard, process_texts
+
+log = logging.getLogger(__name__)
 
 
 def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None, facts=None):
@@ -170,10 +174,13 @@ def _prepare_store(cfg: ExtractConfig, index: DatasetIndex, encoder) -> tuple:
 
 def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, run: str, t0: float) -> ExtractSummary:
     cache, staging, library = _prepare_store(cfg, index, encoder)
+    if library:
+        log.info("library %s: %s (files)", cfg.data_root, library)
     merge_staged_ledgers(cache, staging)
     retried = retry_failed_videos(cache, staging, retry_all=cfg.retry_failed)
-    in_process = cfg.workers == 0 and cfg.scheduler is None
-    n_local = None if in_process or cfg.scheduler else (cfg.workers or default_workers(cfg.device))
+    plan = choose_work_plan(cfg)
+    log.info(plan.reason)
+    in_process, n_local = plan.in_process, plan.local_workers
     # CPU cores shared out between the local workers; remote workers keep their own settings
     threads = max(1, (os.cpu_count() or 1) // n_local) if n_local and cfg.device == "cpu" else None
     decode_workers = cfg.decode_workers
@@ -212,5 +219,5 @@ def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, run: str, t0: 
         frames_encoded=sum(r["frames"] for r in results), seconds=time.perf_counter() - t0,
         failures=cache.failures, max_failures=cfg.max_failures, warnings=cache.warnings,
         retried=retried, batch_sizes=[b for r in results for b in r.get("batch_sizes", [])],
-        library=library,
+        library=library, path_taken=plan.reason,
     )

@@ -182,6 +182,34 @@ def default_decode_workers(device: str, n_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(n_workers, 1) - 1)
 
 
+@dataclass(frozen=True)
+class WorkPlan:
+    """Where the shard tasks run: `in_process` (no dask), else `local_workers` dask workers of a
+    LocalCluster (None with a --scheduler); `reason`: one line for the user."""
+
+    in_process: bool
+    local_workers: int | None
+    reason: str
+
+
+def choose_work_plan(cfg: ExtractConfig) -> WorkPlan:
+    """--scheduler: that cluster. --workers 0: this process. --workers N: a LocalCluster of N.
+    Default: a LocalCluster sized to the machine, except on a CPU where it would get one worker:
+    then this process, which does the same work without dask's start-up and transfers (measured
+    faster: BENCHMARKS.md, Extraction)."""
+    if cfg.scheduler is not None:
+        return WorkPlan(False, None, f"running on the dask scheduler at {cfg.scheduler}")
+    if cfg.workers == 0:
+        return WorkPlan(True, None, "running in this process (--workers 0)")
+    if cfg.workers is not None:
+        return WorkPlan(False, cfg.workers, f"running on a local dask cluster of {cfg.workers} worker(s) (--workers)")
+    n = default_workers(cfg.device)
+    if n == 1 and not cfg.device.startswith("cuda"):
+        return WorkPlan(True, None, f"running in this process: {os.cpu_count() or 1} CPU core(s) would give a "
+                                    "dask cluster one worker, which only adds overhead (--workers N to force dask)")
+    return WorkPlan(False, n, f"running on a local dask cluster of {n} worker(s) (sized to this machine)")
+
+
 def default_workers(device: str) -> int:
     """CPU: up to 8 workers of 2 threads; CUDA: one worker per GPU."""
     if device.startswith("cuda"):
