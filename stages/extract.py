@@ -20,7 +20,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from muse_pipeline.cache.compat import check_growing_fingerprint
 from muse_pipeline.cache.fingerprint import build_fingerprint
 from muse_pipeline.cache.schema import RETIRED
 from muse_pipeline.data import DatasetIndex, load_dataset
@@ -35,13 +34,11 @@ from muse_pipeline.extract.config import (
     check_output,
     choose_work_plan,
     default_decode_workers,
-    needed_bytes,
 )
 from muse_pipeline.extract.encoders import ENCODER_CACHE
 from muse_pipeline.extract.jobs import plan_shard_jobs, plan_text_jobs
-from muse_pipeline.extract.library import plan_update, text_rows
-from muse_pipeline.extract.rows import planned_rows, probe_files
 from muse_pipeline.extract.staging import count_finished, merge_staged_ledgers, retry_failed_videos
+from muse_pipeline.extract.store_plan import StorePlan, apply_store_plan, plan_store
 from muse_pipeline.extract.worker import process_shard, process_texts
 
 log = logging.getLogger(__name__)
@@ -111,9 +108,10 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     encoder = ENCODER_CACHE.get(cfg.model, cfg.pretrained, "cpu")
     if cfg.max_words > encoder.context_length:
         raise InputError(f"--words must be <= {encoder.context_length} for {cfg.model}, got {cfg.max_words}")
+    plan = plan_store(cfg, index, encoder)  # read-only: every check before the first write
     try:
         with StoreLock(path) as lock:
-            return _run_locked(cfg, index, encoder, lock.run, t0)
+            return _run_locked(cfg, index, encoder, plan, lock.run, t0)
     except OSError as err:
         if err.errno in DISK_ERRNOS:
             raise OutputError(
@@ -123,57 +121,9 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
         raise
 
 
-def _growing_store(cfg: ExtractConfig, path: Path):
-    """The existing store of a folder library, open for writing (None: create or resume as usual)."""
-    from muse_pipeline.cache.schema import is_cache_dir
-    from muse_pipeline.cache.store import FeatureCache
-
-    if cfg.dataset != "folder" or cfg.overwrite or not is_cache_dir(path):
-        return None
-    cache = FeatureCache.open(path, mode="r+")
-    return cache if cache.has_row_facts else None  # a store made before libraries could grow: as before
-
-
-def _prepare_store(cfg: ExtractConfig, index: DatasetIndex, encoder) -> tuple:
-    """Create the store, or bring a folder library's store up to its folder (`extract/library.py`),
-    or reopen it to resume. Everything is planned and the disk checked before the first write.
-    Returns (cache, staging folder, the library's changes in words or None)."""
-    path = cfg.store_path()
-    info = encoder.describe()
-    fingerprint = build_fingerprint(cfg, index, info)
-    cache = _growing_store(cfg, path)
-    if cache is None:
-        durations = probe_files(index) if cfg.window_spec.enabled else None
-        rows, facts = planned_rows(index, cfg.window_spec, durations)
-        check_output(path, needed_bytes(cfg, rows, encoder.num_tokens, encoder.dim, path))
-        fresh = cfg.overwrite or not path.exists()
-        cache, staging = open_store(cfg, rows, encoder, facts)
-        if not (fresh and cfg.dataset == "folder"):
-            return cache, staging, None
-        counts = {"new": len({v.source_id for v in rows.videos}), "changed": 0, "removed": 0, "unchanged": 0}
-        cache.record_generation({"generation": 1, "rows": [0, cache.n_videos], **counts})
-        return cache, staging, ", ".join(f"{n} {word}" for word, n in counts.items())
-    check_growing_fingerprint(cache, fingerprint)
-    update = plan_update(cache, index, cfg.window_spec)
-    check_output(path, needed_bytes(cfg, update.rows, encoder.num_tokens, encoder.dim, path,
-                                    extra_rows=len(update.rows.videos)))
-    staging = Path(str(path) + ".staging")
-    if update.changes_anything:
-        lo = hi = cache.n_videos
-        if update.rows.videos:
-            lo, hi = cache.append_generation(update.rows, update.facts)
-        # recorded before the retirements: an interruption after the append keeps the record of its rows
-        active = int((cache.read_done() != RETIRED).sum()) - int(update.retire.size)
-        cache.record_generation({"generation": len(cache.generations) + 1, "rows": [lo, hi], **update.counts()},
-                                fingerprint={**fingerprint, "n_videos": active})
-        cache.retire(update.retire)
-        if cache.n_texts:
-            cache.set_text_videos(text_rows(cache, index))
-    return cache, staging, update.describe()
-
-
-def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, run: str, t0: float) -> ExtractSummary:
-    cache, staging, library = _prepare_store(cfg, index, encoder)
+def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, store_plan: StorePlan, run: str,
+                t0: float) -> ExtractSummary:
+    cache, staging, library = apply_store_plan(cfg, index, encoder, store_plan, open_store)
     if library:
         log.info("library %s: %s (files)", cfg.data_root, library)
     merge_staged_ledgers(cache, staging)

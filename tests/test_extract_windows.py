@@ -134,3 +134,14 @@ def test_a_short_clip_keeps_the_bits_of_a_whole_file_store(library, tmp_path):
     assert list(b["videos/ids"][:]) == ["long", "short"]
     assert np.array_equal(a["videos/tokens"][-1], b["videos/tokens"][-1])
     assert np.array_equal(a["videos/mask"][-1], b["videos/mask"][-1])
+
+
+def test_another_window_choice_never_mixes_into_a_store(library, tmp_path):
+    from muse_pipeline.cache.compat import FingerprintMismatch
+
+    out = tmp_path / "w.zarr"
+    run_extract(_cfg(library, out))
+    with pytest.raises(FingerprintMismatch, match="windows"):
+        run_extract(_cfg(library, out, window=8, stride=4))
+    with pytest.raises(FingerprintMismatch, match="split_selection"):
+        run_extract(_cfg(library, out, splits=("test",)))

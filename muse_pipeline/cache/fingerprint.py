@@ -49,4 +49,6 @@ def build_fingerprint(cfg: ExtractConfig, index: DatasetIndex, encoder_info: dic
         # the auto-window grid decides which rows exist and how their frames are sampled
         fingerprint["windows"] = cfg.window_spec.describe()
         fingerprint["data_root"] = str(Path(cfg.data_root).resolve())  # one store per library
+        # the files a run may retire are those of the selected splits: the selection must not change
+        fingerprint["split_selection"] = sorted(cfg.splits) if cfg.splits else None
     return fingerprint

@@ -142,7 +142,6 @@ def process_unit(unit: GridUnit, pending: set[int], encoder, decode_args: tuple,
 
     tokens_at: dict[int, np.ndarray] = {}
     warnings: list[str] = []
-    end_index: int | None = None  # first grid index past the video's end, once seen
     todo = [(offset, rows) for offset, rows in zip(unit.offsets, unit.rows, strict=True)]
     encoded, batch_sizes = 0, []
     for i in range(len(calls)):
@@ -160,8 +159,6 @@ def process_unit(unit: GridUnit, pending: set[int], encoder, decode_args: tuple,
             encoded += m
             for k in range(m):
                 tokens_at[decoded.first + k] = tokens[k]
-        if m < decoded.count and end_index is None:
-            end_index = decoded.first + m
         reached = decoded.first + decoded.count  # every needed index below this is decoded
         ready = [(o, r) for o, r in todo if r[-1] < reached]
         todo = [(o, r) for o, r in todo if r[-1] >= reached]

@@ -199,7 +199,7 @@ def retry_failed_videos(cache: FeatureCache, staging: Path, retry_all: bool) -> 
 def count_finished(cache: FeatureCache, staging: Path) -> int:
     """Videos finished so far: flagged in the store, plus staged in shards not yet written."""
     done = cache.read_done()
-    count = int((done != 0).sum())
+    count = int(((done == 1) | (done == 2)).sum())  # retired rows are no work of this library
     if staging.exists():
         for shard, folder in _shard_folders(staging):
             lo, hi = cache.shard_range(shard)
