@@ -117,6 +117,12 @@ def test_added_removed_and_changed_files(folder, tmp_path, timed_video, monkeypa
     text_rows = cache.text_video_index.tolist()
     assert text_rows == [after["a"], after["c"]]
 
+    from muse_pipeline.cache.export import cache_info
+
+    info = cache_info(out)  # `muse cache info`: retired rows are no videos; the updates are listed
+    assert info["splits"]["test"]["videos"] == 10 and info["retired"] == int((done == RETIRED).sum())
+    assert [g["new"] for g in info["generations"]] == [6, 3]
+
     again = run_extract(_cfg(folder, out))  # nothing changed: nothing decoded, nothing appended
     assert again.library == "0 new, 0 changed, 0 removed, 8 unchanged" and again.frames_encoded == 0
     assert FeatureCache.open(out).n_videos == cache.n_videos
@@ -187,3 +193,45 @@ def test_the_cli_refusal_is_one_line(tmp_path, timed_video):
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--out" in lines[0]
     assert "--overwrite" not in lines[0]
+
+
+def test_an_update_killed_while_extracting_is_finished_bit_identically(folder, tmp_path, timed_video):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from muse_pipeline.extract.worker import PAUSE_ENV, PAUSED_MARKER
+
+    out = tmp_path / "lib.zarr"
+    run_extract(_cfg(folder, out))
+    _change_library(folder, timed_video)
+    marker = Path(str(out) + ".staging") / PAUSED_MARKER
+    cmd = [sys.executable, "-m", "muse_pipeline.cli.main", "extract", "--dataset", "folder", "--data-root",
+           str(folder), "--model", MODEL, "--frames", "4", "--out", str(out), "--videos-per-shard", "4",
+           "--workers", "0", "--quiet"]
+    proc = subprocess.Popen(cmd, env={**os.environ, PAUSE_ENV: "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # a safety net for a broken hook, not a timing assumption
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the run never paused"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # one new row staged, the rest pending
+    proc.wait()
+
+    summary = run_extract(_cfg(folder, out))
+    assert summary.library == "0 new, 0 changed, 0 removed, 8 unchanged" and summary.ok
+    cache = FeatureCache.open(out)
+    after = _active(cache)
+    assert len(after) == 10 and (cache.read_done()[list(after.values())] == 1).all()
+    assert [g["new"] for g in cache.generations] == [6, 3]  # one update, nothing appended twice
+    # the same bits as a library extracted from scratch as it is now
+    fresh = tmp_path / "fresh.zarr"
+    run_extract(_cfg(folder, fresh))
+    reference = FeatureCache.open(fresh)
+    ref_rows = _active(reference)
+    assert sorted(ref_rows) == sorted(after)
+    for vid, row in after.items():
+        a, b = cache.read_videos([row]), reference.read_videos([ref_rows[vid]])
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), vid

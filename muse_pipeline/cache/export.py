@@ -62,6 +62,7 @@ def cache_info(path: Path | str) -> dict[str, Any]:
         "failures": cache.failures,
         "warnings": cache.warnings,
         "failure_history": cache.failure_history,
+        "generations": cache.generations,  # a growing library's updates (cache/growth.py)
     }
 
 
