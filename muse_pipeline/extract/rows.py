@@ -26,10 +26,14 @@ def file_key(path: str) -> tuple[int, int]:
 
 
 def probe_files(index: DatasetIndex) -> dict[str, float]:
-    """file id -> probed length (s) of each whole-file video of `index` (NaN unknown)."""
+    """file id -> probed length (s) of each file of `index` (NaN unknown), each file probed once."""
     from muse_pipeline.video.probe import probe_duration
 
-    return {v.id: probe_duration(v.path) for v in index.videos if v.start is None and v.end is None}
+    durations: dict[str, float] = {}
+    for video in index.videos:
+        if video.source_id not in durations:
+            durations[video.source_id] = probe_duration(video.path)
+    return durations
 
 
 def planned_rows(index: DatasetIndex, spec: WindowSpec, durations: dict[str, float] | None
