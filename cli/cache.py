@@ -44,9 +44,13 @@ def info_cmd(
         return
     table = Table(title=str(path), title_justify="left", show_header=False)
     for key, value in info.items():
-        if key in ("fingerprint", "failures", "warnings", "failure_history"):
+        if key in ("fingerprint", "failures", "warnings", "failure_history", "generations"):
             continue
         table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict | list) else str(value))
+    if info.get("generations"):
+        latest = info["generations"][-1]
+        table.add_row("generations", f"{len(info['generations'])}; latest: rows {latest['rows']}, {latest['new']} new, "
+                      f"{latest['changed']} changed, {latest['removed']} removed, {latest['unchanged']} unchanged")
     console.print(table)
     fp = Table(title="fingerprint", title_justify="left", show_header=False)
     for key, value in info.get("fingerprint", {}).items():

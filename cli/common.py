@@ -128,8 +128,12 @@ def print_warnings(warnings: list[dict], limit: int = 20) -> None:
 def print_extract_summary(summary) -> None:
     table = Table(title="extraction summary", title_justify="left", show_header=False)
     table.add_row("store", str(summary.store))
+    if getattr(summary, "library", None):
+        table.add_row("library", f"{summary.library} (files)")
     table.add_row("videos", f"{summary.n_cached} cached, {summary.n_failed} failed, of {summary.n_videos}")
     table.add_row("texts", str(summary.n_texts))
+    if getattr(summary, "path_taken", ""):
+        table.add_row("ran", summary.path_taken.removeprefix("running "))
     rate = summary.frames_encoded / summary.seconds if summary.seconds > 0 else 0.0
     table.add_row("this run", f"{summary.frames_encoded} frames in {summary.seconds:.1f} s ({rate:.1f} frames/s)")
     if getattr(summary, "batch_sizes", None):

@@ -32,11 +32,13 @@ def extract_cmd(
     pretrained: str = typer.Option(None, help="open_clip pretrained tag (e.g. openai) or a local weights file.", show_default="random init"),
     frames: int = typer.Option(None, help="Max frames per video, >= 1 (default: dataset preset)."),
     words: int = typer.Option(None, help="Max words per caption, <sot>/<eot> included (default: dataset preset)."),
+    window: int = typer.Option(None, help="Folder dataset: cut files longer than this into moments of this many seconds (0: whole files).", show_default="2 s per frame: 24 at 12 frames"),
+    stride: int = typer.Option(None, help="Folder dataset: seconds between the starts of a file's moments.", show_default="half a window"),
     decoder: Decoder = typer.Option("pyav", help="Video decoder (same frames; pyav is the more forgiving)."),
     workers: int = typer.Option(None, help="Local dask workers (default: sized to the machine; 0: in this process, no dask)."),
     scheduler: str = typer.Option(None, help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786.", show_default="a LocalCluster"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N (cuda: one worker per GPU)."),
-    cache_dir: Path = typer.Option(Path("cache"), help="Cache root; the store goes to <cache-dir>/<dataset>/<model>-<frames>f.zarr."),
+    cache_dir: Path = typer.Option(Path("cache"), help="Cache root; the store goes to <cache-dir>/<dataset>/<model>-<frames>f.zarr (folder: <cache-dir>/folder/<root name>-<hash>/...)."),
     out: Path = typer.Option(None, help="Store path (overrides --cache-dir).", show_default="<cache-dir>/<dataset>/<model>-<frames>f.zarr"),
     overwrite: bool = typer.Option(False, help="Delete an existing store with other settings and start over."),
     videos_per_shard: int = typer.Option(None, help="Videos per shard file (default: ~256 MB shards)."),
@@ -64,7 +66,7 @@ def extract_cmd(
         device=device, workers=workers, scheduler=scheduler, cache_dir=cache_dir, out=out,
         overwrite=overwrite, videos_per_shard=videos_per_shard, max_failures=max_failures, quiet=quiet,
         retry_failed=retry_failed, batch_frames=batch_frames, precision=Precision(precision).value,
-        decode_workers=decode_workers, dashboard=dashboard,
+        decode_workers=decode_workers, dashboard=dashboard, window=window, stride=stride,
     )
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:

@@ -7,11 +7,13 @@ per store, shards, encoder groups; `staging`: resume and crash safety) and the f
 Order of a run: validate every option and input, check the output folder, refuse if another run
 holds the store, load the dataset and CLIP; only then lock and create/open the store, merge what an
 earlier run staged, set failed videos back to pending where due, and run the shard and text jobs
-(in this process with `--workers 0`, else on dask).
+(in this process with `--workers 0` or where a LocalCluster would get one CPU worker, else on dask;
+`config.choose_work_plan` decides and the run says which in one line).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -19,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from muse_pipeline.cache.fingerprint import build_fingerprint
+from muse_pipeline.cache.schema import RETIRED
 from muse_pipeline.data import DatasetIndex, load_dataset
 from muse_pipeline.errors import InputError
 from muse_pipeline.extract.config import (
@@ -27,20 +30,23 @@ from muse_pipeline.extract.config import (
     ExtractSummary,
     OutputError,
     check_config,
+    check_library_root,
     check_output,
+    choose_work_plan,
     default_decode_workers,
-    default_workers,
-    needed_bytes,
 )
 from muse_pipeline.extract.encoders import ENCODER_CACHE
 from muse_pipeline.extract.jobs import plan_shard_jobs, plan_text_jobs
 from muse_pipeline.extract.staging import count_finished, merge_staged_ledgers, retry_failed_videos
+from muse_pipeline.extract.store_plan import StorePlan, apply_store_plan, plan_store
 from muse_pipeline.extract.worker import process_shard, process_texts
 
+log = logging.getLogger(__name__)
 
-def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None):
-    """Create the store, or reopen it when its fingerprint matches (FingerprintMismatch otherwise).
-    Returns (FeatureCache, staging folder)."""
+
+def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None, facts=None):
+    """Create the store with the rows of `index` (and their `facts`), or reopen it when its
+    fingerprint matches (FingerprintMismatch otherwise). Returns (FeatureCache, staging folder)."""
     from muse_pipeline.cache.store import FeatureCache
 
     # The client needs the model's geometry and weights identity, and the tokenizer for the texts.
@@ -58,7 +64,8 @@ def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None):
     cache = FeatureCache.open_or_create(
         path, index, frames=cfg.max_frames, num_tokens=encoder.num_tokens, dim=encoder.dim,
         words=cfg.max_words, fingerprint=build_fingerprint(cfg, index, info),
-        videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite, text_tokens=text_tokens,
+        videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite, text_tokens=text_tokens, facts=facts,
+        growing=cfg.dataset == "folder",
     )
     return cache, staging
 
@@ -91,6 +98,7 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     check_config(cfg)
     path = cfg.store_path()
     check_output(path)
+    check_library_root(cfg, path)
     ensure_unlocked(path)
     cfg = _stored_batching(cfg)
     # absolute paths in the store, so that search thumbnails work from any directory
@@ -100,10 +108,10 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
     encoder = ENCODER_CACHE.get(cfg.model, cfg.pretrained, "cpu")
     if cfg.max_words > encoder.context_length:
         raise InputError(f"--words must be <= {encoder.context_length} for {cfg.model}, got {cfg.max_words}")
-    check_output(path, needed_bytes(cfg, index, encoder.num_tokens, encoder.dim, path))
+    plan = plan_store(cfg, index, encoder)  # read-only: every check before the first write
     try:
         with StoreLock(path) as lock:
-            return _run_locked(cfg, index, encoder, lock.run, t0)
+            return _run_locked(cfg, index, encoder, plan, lock.run, t0)
     except OSError as err:
         if err.errno in DISK_ERRNOS:
             raise OutputError(
@@ -113,24 +121,29 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
         raise
 
 
-def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, run: str, t0: float) -> ExtractSummary:
-    cache, staging = open_store(cfg, index, encoder)
+def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, store_plan: StorePlan, run: str,
+                t0: float) -> ExtractSummary:
+    cache, staging, library = apply_store_plan(cfg, index, encoder, store_plan, open_store)
+    if library:
+        log.info("library %s: %s (files)", cfg.data_root, library)
     merge_staged_ledgers(cache, staging)
-    retried = retry_failed_videos(index, cache, staging, retry_all=cfg.retry_failed)
-    in_process = cfg.workers == 0 and cfg.scheduler is None
-    n_local = None if in_process or cfg.scheduler else (cfg.workers or default_workers(cfg.device))
+    retried = retry_failed_videos(cache, staging, retry_all=cfg.retry_failed)
+    plan = choose_work_plan(cfg)
+    log.info(plan.reason)
+    in_process, n_local = plan.in_process, plan.local_workers
     # CPU cores shared out between the local workers; remote workers keep their own settings
     threads = max(1, (os.cpu_count() or 1) // n_local) if n_local and cfg.device == "cpu" else None
     decode_workers = cfg.decode_workers
     if decode_workers is None:
         decode_workers = default_decode_workers(cfg.device, n_local or 1)
-    shard_jobs = plan_shard_jobs(cfg, index, cache, staging, threads, run, decode_workers)
+    shard_jobs = plan_shard_jobs(cfg, cache, staging, threads, run, decode_workers)
     text_jobs = plan_text_jobs(cfg, cache, threads, run)
     done_before = count_finished(cache, staging)
 
     from muse_pipeline.progress import ExtractProgress
 
-    progress = ExtractProgress(total=len(index.videos), completed=done_before, quiet=cfg.quiet)
+    live = int((cache.read_done() != RETIRED).sum())
+    progress = ExtractProgress(total=live, completed=done_before, quiet=cfg.quiet)
     results: list[dict] = []
     with progress:
         if in_process:
@@ -148,12 +161,13 @@ def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, run: str, t0: 
     cache = type(cache).open(cache.path, mode="r+")
     merge_staged_ledgers(cache, staging)
     done = cache.read_done()
-    if (done != 0).all() and cache.read_text_done().all() and staging.exists():
+    if (done != 0).all() and cache.read_text_done().all() and staging.exists():  # retired rows are not pending
         shutil.rmtree(staging)
     return ExtractSummary(
-        store=Path(cache.path), n_videos=len(done), n_cached=int((done == 1).sum()),
+        store=Path(cache.path), n_videos=int((done != RETIRED).sum()), n_cached=int((done == 1).sum()),
         n_failed=int((done == 2).sum()), n_texts=cache.n_texts,
         frames_encoded=sum(r["frames"] for r in results), seconds=time.perf_counter() - t0,
         failures=cache.failures, max_failures=cfg.max_failures, warnings=cache.warnings,
         retried=retried, batch_sizes=[b for r in results for b in r.get("batch_sizes", [])],
+        library=library, path_taken=plan.reason,
     )

@@ -152,6 +152,7 @@ def test_write_read_round_trip_with_mask_and_done(tmp_path: Path) -> None:
         "cached": 6,
         "failed": 1,
         "pending": 0,
+        "retired": 0,
         "texts": 9,
         "texts_done": 0,
     }
@@ -279,7 +280,7 @@ def test_bad_writes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="expected tokens"):
         cache.write_shard_videos(0, np.zeros((1, T + 1, L, D)), *one[1:])
     with pytest.raises(ValueError, match="done values"):
-        cache.write_shard_videos(0, *one[:2], np.array([3], np.uint8))
+        cache.write_shard_videos(0, *one[:2], np.array([4], np.uint8))
     with pytest.raises(IndexError):
         cache.write_shard_videos(7, *one)
     with pytest.raises(PermissionError, match="read-only"):

@@ -313,9 +313,11 @@ def test_folder_without_captions(tmp_path):
     assert [(v.id, v.split) for v in index.videos] == [("a", "test"), ("c", "test"), ("sub/b", "test")]
     assert index.videos[2].path == tmp_path / "sub" / "b.mkv"
     assert index.captions == ()
-    # adding a video changes the checksum (the listing is this dataset's annotation)
+    # adding a video keeps the checksum (the folder is a library that grows); captions change it
     before = index.annotation_checksum
     _touch(tmp_path / "d.webm")
+    assert load_dataset("folder", tmp_path).annotation_checksum == before
+    (tmp_path / "captions.csv").write_text("video,caption\na,a red ball\n")
     assert load_dataset("folder", tmp_path).annotation_checksum != before
 
 

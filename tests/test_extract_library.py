@@ -132,3 +132,22 @@ def test_choice_lists_are_the_decoders_and_precisions_that_exist():
     assert set(PRECISION_CHOICES) == {"auto", *PRECISIONS}
     assert [d.value for d in Decoder] == list(DECODERS)
     assert [p.value for p in Precision] == list(PRECISION_CHOICES)
+
+
+@pytest.mark.parametrize("cores, workers, scheduler, in_process, local", [
+    (2, None, None, True, None),   # a LocalCluster would get one worker: this process instead
+    (3, None, None, True, None),
+    (16, None, None, False, 8),    # enough cores: dask, sized to the machine
+    (2, 1, None, False, 1),        # --workers 1 asks for dask
+    (16, 0, None, True, None),     # --workers 0
+    (2, None, "tcp://h:8786", False, None),
+])
+def test_the_default_runs_in_process_where_dask_would_get_one_cpu_worker(monkeypatch, tmp_path, cores, workers,
+                                                                          scheduler, in_process, local):
+    from muse_pipeline.extract.config import ExtractConfig, choose_work_plan
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    cfg = ExtractConfig(dataset="synthetic", data_root=tmp_path, workers=workers, scheduler=scheduler)
+    plan = choose_work_plan(cfg)
+    assert (plan.in_process, plan.local_workers) == (in_process, local)
+    assert "\n" not in plan.reason and ("this process" in plan.reason) == in_process

@@ -73,6 +73,20 @@ def fingerprint_paths_differing(old: Any, new: Any, prefix: str = "") -> list[st
     return [] if old == new else [prefix.rstrip(".") or "fingerprint"]
 
 
+# Keys a growing library (the folder dataset) may change between runs: its rows and their splits.
+GROWING_KEYS = ("n_videos", "splits")
+
+
+def check_growing_fingerprint(cache: Any, fingerprint: Mapping[str, Any]) -> None:
+    """FingerprintMismatch unless `cache`'s fingerprint equals `fingerprint` on every key but
+    GROWING_KEYS (`cache`: a FeatureCache)."""
+    stored = {k: v for k, v in cache.fingerprint.items() if k not in GROWING_KEYS}
+    wanted = {k: v for k, v in normalise(dict(fingerprint)).items() if k not in GROWING_KEYS}
+    differing = fingerprint_paths_differing(stored, wanted, "fingerprint.")
+    if differing:
+        raise FingerprintMismatch(cache.path, differing)
+
+
 class FingerprintMismatch(UserError, ValueError):
     """An existing cache was built with different settings; `keys` lists what differs."""
 

@@ -10,7 +10,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from muse_pipeline.cache.store import CACHED, FAILED, FORMAT, FORMAT_VERSION, PENDING, FeatureCache
+from muse_pipeline.cache.store import CACHED, FAILED, FORMAT, FORMAT_VERSION, PENDING, RETIRED, FeatureCache
 from muse_pipeline.data.base import SPLITS
 
 TEXT_ROWS_PER_STEP = 65536
@@ -34,7 +34,7 @@ def cache_info(path: Path | str) -> dict[str, Any]:
     t_split = np.array(cache.text_splits, dtype=object)
     splits: dict[str, dict[str, int]] = {}
     for split in SPLITS:
-        vs, ts = v_split == split, t_split == split
+        vs, ts = (v_split == split) & (done != RETIRED), t_split == split  # retired rows are no videos
         if not vs.any() and not ts.any():
             continue
         splits[split] = {
@@ -62,6 +62,7 @@ def cache_info(path: Path | str) -> dict[str, Any]:
         "failures": cache.failures,
         "warnings": cache.warnings,
         "failure_history": cache.failure_history,
+        "generations": cache.generations,  # a growing library's updates (cache/growth.py)
     }
 
 

@@ -8,6 +8,7 @@ with (1 fps at presentation times, linspace subsample to T frames, upright, CLIP
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from muse_pipeline import __version__
@@ -22,7 +23,7 @@ SAMPLING = "fps=1;pts<=t;linspace(0,n-1,T);upright;clip4clip"
 def build_fingerprint(cfg: ExtractConfig, index: DatasetIndex, encoder_info: dict) -> dict:
     """The fingerprint of a cache of `index` made with `cfg` and the encoder `encoder_info`
     (`ClipEncoder.describe()`: weights_id, image_size, num_tokens, dim, ...)."""
-    return {
+    fingerprint = {
         "dataset": cfg.dataset,
         "splits": sorted({v.split for v in index.videos}),
         "model": cfg.model,
@@ -44,3 +45,10 @@ def build_fingerprint(cfg: ExtractConfig, index: DatasetIndex, encoder_info: dic
         "code_version": __version__,
         "encoder": encoder_info,
     }
+    if cfg.dataset == "folder":
+        # the auto-window grid decides which rows exist and how their frames are sampled
+        fingerprint["windows"] = cfg.window_spec.describe()
+        fingerprint["data_root"] = str(Path(cfg.data_root).resolve())  # one store per library
+        # the files a run may retire are those of the selected splits: the selection must not change
+        fingerprint["split_selection"] = sorted(cfg.splits) if cfg.splits else None
+    return fingerprint

@@ -4,15 +4,24 @@
 /                    attrs: format="muse-cache", format_version=1, fingerprint={...}, failures=[{id, reason}]
 /videos/tokens       [N, T, L, D] float16   chunk (1,T,L,D), shard (S,T,L,D), raw (or blosc zstd)
 /videos/mask         [N, T] uint8           1 = real frame; chunk = shard = (S, T)
-/videos/done         [N] uint8              0 pending, 1 cached, 2 failed; chunk = shard = (S,)
+/videos/done         [N] uint8              0 pending, 1 cached, 2 failed, 3 retired; chunk = shard = (S,)
 /videos/ids, /videos/split, /videos/paths   [N] str
 /videos/start, /videos/end                  [N] float64 clip window in seconds; NaN = whole video
+/videos/duration                            [N] float64 the file's length in seconds; NaN unknown
+/videos/source                              [N] str the id of the file the row comes from
+/videos/grid_step                           [N] float64 s between an auto window's frames; NaN: clip protocol
+/videos/file_size, /videos/file_mtime_ns    [N] int64 the file's state when the row was planned; -1 unknown
 /texts/tokens [M, W] int32, /texts/embeddings [M, D] float16, /texts/video_index [M] int32,
 /texts/split [M] str, /texts/captions [M] str, /texts/done [M] uint8
 ```
 
 `/videos/start` and `/videos/end` are written at creation from each VideoItem's (start, end); stores
-made before they existed lack them (readers then report NaN windows).
+made before they existed lack them (readers then report NaN windows). The same holds for the row
+facts (`RowFacts`: duration, source, grid step, file state): old stores read as NaN / the row id / -1.
+
+RETIRED rows (done = 3) are rows no reader may use: a removed or changed file's rows, and the
+padding slots before a generation's first row (appends start at a shard boundary, `store.py`).
+Readers select done == 1.
 """
 
 from __future__ import annotations
@@ -41,7 +50,11 @@ ROW_CHUNK = 65536
 TOKEN_COMPRESSION: str | None = None
 TOKEN_CODECS = (None, "zstd")
 
-PENDING, CACHED, FAILED = 0, 1, 2
+PENDING, CACHED, FAILED, RETIRED = 0, 1, 2, 3
+# The per-row arrays beside ids/split/paths: name -> (dtype, fill value of rows that lack it).
+ROW_FLOATS = {"start": np.nan, "end": np.nan, "duration": np.nan, "grid_step": np.nan}
+ROW_INTS = {"file_size": -1, "file_mtime_ns": -1}
+ROW_STRINGS = ("ids", "split", "paths", "source")
 
 
 def check_positive(**values: int) -> None:
@@ -76,6 +89,53 @@ def remove_cache(path: Path) -> None:
         raise FileExistsError(f"{path} exists and is not a muse feature cache; refusing to delete it")
 
 
+@dataclass(frozen=True)
+class RowFacts:
+    """What a store records of each row's file beside its VideoItem: `duration` float64 [N] seconds
+    (NaN unknown), `file_size` / `file_mtime_ns` int64 [N] (-1 unknown; a growing library compares
+    them to find changed files)."""
+
+    duration: np.ndarray
+    file_size: np.ndarray
+    file_mtime_ns: np.ndarray
+
+    @classmethod
+    def unknown(cls, n: int) -> RowFacts:
+        return cls(np.full(n, np.nan), np.full(n, -1, np.int64), np.full(n, -1, np.int64))
+
+
+def row_values(index: DatasetIndex, facts: RowFacts | None = None) -> dict[str, np.ndarray]:
+    """Every per-row array of `index`'s videos (name -> values [N]), as stored."""
+    facts = facts or RowFacts.unknown(len(index.videos))
+    start, end = clip_windows(index)
+    grid = np.array([np.nan if v.grid_step is None else float(v.grid_step) for v in index.videos], np.float64)
+    return {
+        "ids": _as_str_array(v.id for v in index.videos),
+        "split": _as_str_array(v.split for v in index.videos),
+        "paths": _as_str_array(str(v.path) for v in index.videos),
+        "source": _as_str_array(v.source_id for v in index.videos),
+        "start": start, "end": end, "grid_step": grid,
+        "duration": np.asarray(facts.duration, np.float64),
+        "file_size": np.asarray(facts.file_size, np.int64),
+        "file_mtime_ns": np.asarray(facts.file_mtime_ns, np.int64),
+    }
+
+
+def create_row_arrays(videos, n: int, values: dict[str, np.ndarray] | None) -> None:
+    """Create the per-row arrays of group `videos` with n rows, filled with `values` when given."""
+    # at least 4096 rows per chunk: a store that grows from a few rows keeps few chunks
+    row_chunk = (min(max(n, 4096), ROW_CHUNK),)
+    for name in ROW_STRINGS:
+        videos.create_array(name, shape=(n,), dtype=str, chunks=row_chunk, dimension_names=("video",))
+    for names, dtype in ((ROW_FLOATS, "float64"), (ROW_INTS, "int64")):
+        for name, fill in names.items():
+            videos.create_array(name, shape=(n,), dtype=dtype, chunks=row_chunk, fill_value=fill,
+                                dimension_names=("video",))
+    if values is not None and n:
+        for name, array in values.items():
+            videos[name][:] = array
+
+
 def clip_windows(index: DatasetIndex) -> tuple[np.ndarray, np.ndarray]:
     """(start [N], end [N]) float64 seconds of each video's clip; NaN where the VideoItem gives None."""
     start = np.array([np.nan if v.start is None else float(v.start) for v in index.videos], dtype=np.float64)
@@ -102,9 +162,10 @@ class StoreLayout:
     text_tokens: np.ndarray | None = None
 
 
-def create_store(path: Path, index: DatasetIndex, layout: StoreLayout) -> None:
+def create_store(path: Path, index: DatasetIndex, layout: StoreLayout, facts: RowFacts | None = None) -> None:
     """Write the empty layout above at `path` (which must not exist): all videos pending, texts not done,
-    ids/splits/paths/windows/captions filled; `layout.text_tokens` written when given."""
+    the per-row arrays (`row_values(index, facts)`) and captions filled; `layout.text_tokens` written
+    when given."""
     frames, num_tokens, dim, words = layout.frames, layout.num_tokens, layout.dim, layout.words
     text_tokens = layout.text_tokens
     n, m = len(index.videos), len(index.captions)
@@ -133,19 +194,7 @@ def create_store(path: Path, index: DatasetIndex, layout: StoreLayout) -> None:
     videos.create_array(
         "done", shape=(n,), dtype="uint8", chunks=(s,), fill_value=PENDING, dimension_names=("video",)
     )
-    row_chunk = (max(1, min(n, ROW_CHUNK)),)
-    for name, values in (
-        ("ids", [v.id for v in index.videos]),
-        ("split", [v.split for v in index.videos]),
-        ("paths", [str(v.path) for v in index.videos]),
-    ):
-        arr = videos.create_array(name, shape=(n,), dtype=str, chunks=row_chunk, dimension_names=("video",))
-        arr[:] = _as_str_array(values)
-    for name, values in zip(("start", "end"), clip_windows(index), strict=True):
-        arr = videos.create_array(
-            name, shape=(n,), dtype="float64", chunks=row_chunk, fill_value=np.nan, dimension_names=("video",)
-        )
-        arr[:] = values
+    create_row_arrays(videos, n, row_values(index, facts))
 
     texts = root.create_group("texts")
     mc = max(1, min(m, ROW_CHUNK))

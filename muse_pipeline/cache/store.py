@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from muse_pipeline.cache import ledger
+from muse_pipeline.cache import growth, ledger
 from muse_pipeline.cache.compat import FingerprintMismatch, fingerprint_paths_differing, normalise
 from muse_pipeline.cache.schema import (
     CACHED,
@@ -36,22 +36,25 @@ from muse_pipeline.cache.schema import (
     FORMAT,
     FORMAT_VERSION,
     PENDING,
+    RETIRED,
     ROW_CHUNK,
     TOKEN_CODECS,
     TOKEN_COMPRESSION,
+    RowFacts,
     StoreLayout,
     check_positive,
     create_store,
     default_videos_per_shard,
     is_cache_dir,
     remove_cache,
+    row_values,
 )
 from muse_pipeline.cache.shard_reader import ShardFileReader, read_rows_sliced, runs, runs_cover
 from muse_pipeline.data.base import SPLITS, DatasetIndex
 
 # Re-exported: importers take these from the store (extract's text chunk, the HDF5 export, tests).
 __all__ = [
-    "CACHED", "FAILED", "FORMAT", "FORMAT_VERSION", "PENDING", "ROW_CHUNK", "TOKEN_CODECS", "TOKEN_COMPRESSION",
+    "CACHED", "FAILED", "FORMAT", "FORMAT_VERSION", "PENDING", "RETIRED", "ROW_CHUNK", "RowFacts", "TOKEN_CODECS", "TOKEN_COMPRESSION",
     "FeatureCache", "FingerprintMismatch", "default_videos_per_shard",
 ]
 
@@ -78,7 +81,8 @@ class FeatureCache:
         self._tokens, self._mask, self._done = v["tokens"], v["mask"], v["done"]
         self._t_tokens, self._t_emb, self._t_done = t["tokens"], t["embeddings"], t["done"]
         self._videos, self._texts = v, t
-        n, frames, num_tokens, dim = self._tokens.shape
+        _, frames, num_tokens, dim = self._tokens.shape
+        n = self._done.shape[0]  # the rows that exist (a growing store commits new rows with `done`)
         self.n_videos, self.frames, self.num_tokens, self.dim = int(n), int(frames), int(num_tokens), int(dim)
         self.n_texts, self.words = (int(x) for x in self._t_tokens.shape)
         self.videos_per_shard = int(self._done.chunks[0])
@@ -102,9 +106,14 @@ class FeatureCache:
         overwrite: bool = False,
         text_tokens: np.ndarray | None = None,
         compression: str | None = TOKEN_COMPRESSION,
+        facts: RowFacts | None = None,
+        growing: bool = False,
     ) -> FeatureCache:
         """Create an empty cache for `index` (all videos pending) and open it for writing.
 
+        `facts`: each row's file duration and state (schema.RowFacts; unknown when None).
+        `growing`: rows will be appended later (`append_generation`): S is not clipped to N, so the
+        shards of later generations are as large as the first's.
         `text_tokens` int32 [M, W] (optional): caption token ids, written now; embeddings come later.
         An existing cache at `path` is an error unless `overwrite` (which deletes it first).
         `compression`: codec of the video tokens, None or "zstd" (see TOKEN_COMPRESSION).
@@ -115,10 +124,11 @@ class FeatureCache:
         if n == 0:
             raise ValueError(f"dataset {index.name!r} has no videos to cache")
         check_positive(frames=frames, num_tokens=num_tokens, dim=dim, words=words)
-        if videos_per_shard is None:
-            videos_per_shard = default_videos_per_shard(n, frames, num_tokens, dim)
+        if videos_per_shard is None:  # a growing store's later rows count too: ~256 MB shards
+            videos_per_shard = default_videos_per_shard(2**62 if growing else n, frames, num_tokens, dim)
         check_positive(videos_per_shard=videos_per_shard)
-        videos_per_shard = min(videos_per_shard, n)
+        if not growing:
+            videos_per_shard = min(videos_per_shard, n)
         if compression not in TOKEN_CODECS:
             raise ValueError(f"compression must be one of {TOKEN_CODECS}, got {compression!r}")
         if text_tokens is not None:
@@ -140,7 +150,7 @@ class FeatureCache:
             shutil.rmtree(tmp)
 
         create_store(tmp, index, StoreLayout(frames, num_tokens, dim, words, videos_per_shard, compression, fp,
-                                             text_tokens))
+                                             text_tokens), facts)
         os.replace(tmp, path)
         return cls(path, mode="r+")
 
@@ -249,6 +259,44 @@ class FeatureCache:
         end = np.asarray(self._videos["end"][:], dtype=np.float64)
         return np.stack([start[idx], end[idx]], axis=1)
 
+    @property
+    def has_row_facts(self) -> bool:
+        """True for stores that record each row's source file and its state (libraries that grow)."""
+        return "source" in self._videos and "file_size" in self._videos
+
+    def _row_array(self, name: str, rows: Sequence[int] | np.ndarray, fill: Any) -> np.ndarray:
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_videos):
+            raise IndexError(f"video indices out of range [0, {self.n_videos})")
+        if name not in self._videos:  # a store made before this array existed
+            return np.full(idx.size, fill)
+        key = f"videos/{name}"
+        if key not in self._meta:
+            self._meta[key] = self._videos[name][:]
+        return np.asarray(self._meta[key])[idx]
+
+    def read_durations(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float64 [len(rows)]: the length in seconds of each row's file (NaN unknown or an old store)."""
+        return self._row_array("duration", rows, np.nan).astype(np.float64)
+
+    def read_sources(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """The id of the file each row comes from (= the row id for whole-file rows and old stores)."""
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if "source" not in self._videos:
+            ids = self.video_ids
+            return [ids[i] for i in idx]
+        return [str(s) for s in self._row_array("source", idx, "")]
+
+    def read_grid_steps(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float64 [len(rows)]: seconds between an auto window's frames; NaN for clip-protocol rows."""
+        return self._row_array("grid_step", rows, np.nan).astype(np.float64)
+
+    def read_file_states(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """int64 [len(rows), 2]: (size, mtime_ns) of each row's file when it was planned; -1 unknown."""
+        size = self._row_array("file_size", rows, -1).astype(np.int64)
+        mtime = self._row_array("file_mtime_ns", rows, -1).astype(np.int64)
+        return np.stack([size, mtime], axis=1)
+
     def __repr__(self) -> str:
         return (
             f"FeatureCache({str(self.path)!r}, mode={self.mode!r}, videos={self.n_videos}, texts={self.n_texts}, "
@@ -284,11 +332,56 @@ class FeatureCache:
             raise ValueError(
                 f"rows [{lo}, {hi}) span shards {self.shard_of(lo)}..{self.shard_of(hi - 1)}; write one shard at a time"
             )
-        if done.max(initial=0) > FAILED:
-            raise ValueError("done values must be 0 (pending), 1 (cached) or 2 (failed)")
+        if done.max(initial=0) > RETIRED:
+            raise ValueError("done values must be 0 (pending), 1 (cached), 2 (failed) or 3 (retired)")
         self._tokens[lo:hi] = tokens
         self._mask[lo:hi] = mask
         self._done[lo:hi] = done  # last: a video is done only once its tokens are stored
+
+    # ------------------------------------------------------------------------- a growing store
+    @property
+    def generations(self) -> list[dict[str, Any]]:
+        """The `generations` root attribute (growth.py): one record per run that changed the rows."""
+        return list(self._root.attrs.get("generations", []))
+
+    def append_generation(self, index: DatasetIndex, facts: RowFacts | None = None) -> tuple[int, int]:
+        """Append `index.videos` as pending rows at the next shard boundary (growth.py); returns
+        their rows [lo, hi). Client process only, while no extraction task runs."""
+        self._require_writable()
+        lo, hi = growth.append_rows(self._videos, self.n_videos, self.videos_per_shard, row_values(index, facts))
+        self._reload_rows()
+        return lo, hi
+
+    def retire(self, rows: Sequence[int] | np.ndarray) -> None:
+        """Mark `rows` RETIRED: no reader uses them again (growth.py)."""
+        self._require_writable()
+        growth.retire_rows(self._videos, np.asarray(rows, dtype=np.int64))
+        self._reload_rows()
+
+    def record_generation(self, record: Mapping[str, Any], fingerprint: Mapping[str, Any] | None = None) -> None:
+        """Append a generation record (and replace the fingerprint, whose row counts changed)."""
+        self._require_writable()
+        self._root.attrs["generations"] = [*self.generations, normalise(dict(record))]
+        if fingerprint is not None:
+            self._root.attrs["fingerprint"] = normalise(dict(fingerprint))
+
+    def set_text_videos(self, video_index: np.ndarray) -> None:
+        """Point the texts at other video rows (a changed file's captions follow its new rows)."""
+        self._require_writable()
+        video_index = np.asarray(video_index, dtype=np.int32)
+        if video_index.shape != (self.n_texts,):
+            raise ValueError(f"video_index must be [{self.n_texts}], got {video_index.shape}")
+        if self.n_texts:
+            self._texts["video_index"][:] = video_index
+
+    def _reload_rows(self) -> None:
+        # zarr array handles keep the shape they were opened with: open them again after a resize
+        v = self._root["videos"]
+        self._videos, self._tokens, self._mask, self._done = v, v["tokens"], v["mask"], v["done"]
+        self.n_videos = int(self._done.shape[0])
+        self._meta.clear()
+        self._mask_all = None
+        self._shard_files = None
 
     # ---------------------------------------------------------------------------- text writes
     def write_texts(
@@ -410,7 +503,7 @@ class FeatureCache:
         return np.concatenate([self._mask[lo:hi] for lo, hi, _ in runs(rows)])
 
     def read_done(self) -> np.ndarray:
-        """uint8 [N]: 0 pending, 1 cached, 2 failed (as stored)."""
+        """uint8 [N]: 0 pending, 1 cached, 2 failed, 3 retired (as stored)."""
         return self._done[:]
 
     def read_text_done(self) -> np.ndarray:
@@ -442,10 +535,11 @@ class FeatureCache:
         return rows if np.array_equal(uniq, idx) else rows[inverse]
 
     def split_indices(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """-> (video rows, text rows) of `split`, sorted int64."""
+        """-> (video rows, text rows) of `split`, sorted int64 (RETIRED rows excluded)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-        videos = np.flatnonzero(np.array(self.video_splits, dtype=object) == split).astype(np.int64)
+        live = self._done[:] != RETIRED  # retired rows belong to no split
+        videos = np.flatnonzero((np.array(self.video_splits, dtype=object) == split) & live).astype(np.int64)
         texts = np.flatnonzero(np.array(self.text_splits, dtype=object) == split).astype(np.int64)
         return videos, texts
 
@@ -460,6 +554,7 @@ class FeatureCache:
             "videos": self.n_videos,
             "cached": int((done == CACHED).sum()),
             "failed": int((done == FAILED).sum()),
+            "retired": int((done == RETIRED).sum()),
             "pending": int((done == PENDING).sum()),
             "texts": self.n_texts,
             "texts_done": int(self._t_done[:].sum()) if self.n_texts else 0,

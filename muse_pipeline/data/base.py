@@ -31,13 +31,23 @@ class AnnotationError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class VideoItem:
-    """One video to extract. `start`/`end` in seconds; None means the whole video."""
+    """One video to extract. `start`/`end` in seconds; None means the whole video.
+
+    `source`: the id of the file the clip comes from (None: `id`, a whole file or a dataset's own
+    clip). `grid_step`: seconds between the frames of an auto window (`extract/windows.py`); None:
+    the clip protocol (1 fps, subsampled to T)."""
 
     id: str
     path: Path
     split: str
     start: float | None = None
     end: float | None = None
+    source: str | None = None
+    grid_step: float | None = None
+
+    @property
+    def source_id(self) -> str:
+        return self.id if self.source is None else self.source
 
 
 @dataclass(frozen=True)

@@ -284,15 +284,16 @@ def load_folder(root: Path) -> DatasetIndex:
         clip_split, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0, k[2] is not None, k[2] or 0.0)
     )
     videos = tuple(
-        VideoItem(clip_id(k), ids[k[0]], clip_split[k] or "test", start=k[1], end=k[2]) for k in keys
+        VideoItem(clip_id(k), ids[k[0]], clip_split[k] or "test", start=k[1], end=k[2],
+                  source=None if k[1] is None and k[2] is None else k[0])
+        for k in keys
     )
     position = {k: i for i, k in enumerate(keys)}
     ordered = sorted(enumerate(caption_rows), key=lambda t: (position[t[1][0]], t[0]))
     captions = tuple(
         CaptionItem(text, position[key], videos[position[key]].split) for _, (key, text) in ordered
     )
-    # The listing is part of the annotation here: adding a video must change the checksum.
-    digest = hashlib.sha256(checksum_files([caption_file] if caption_file else []).encode())
-    for vid in sorted(ids):
-        digest.update(ids[vid].relative_to(root).as_posix().encode() + b"\0")
+    # Only the captions are annotations: the listing may change (a library that grows, see
+    # extract/library.py), so adding, removing or changing a video keeps the checksum.
+    digest = hashlib.sha256(b"folder-captions\0" + checksum_files([caption_file] if caption_file else []).encode())
     return DatasetIndex("folder", root, videos, captions, annotation_checksum=digest.hexdigest())

@@ -3,7 +3,12 @@
 The extract stage (`muse_pipeline.stages.extract`) wires these modules; each has one job:
 - `config`: `ExtractConfig` and `ExtractSummary`, the defaults sized to the machine, the choice
   lists, and every check of what a user can get wrong (options, device, output disk);
+- `windows`: auto windows (moments) of long folder files on one time grid per file;
+- `rows`: a dataset's store rows (windows expanded) and their file facts (duration, size, mtime);
+- `library`: a folder library that grows (new / changed / removed / unchanged files);
+- `store_plan`: what a run does to its store (create, resume, update), planned read-only first;
 - `jobs`: `ShardJob` / `TextJob`, the plain data a worker gets, and their planning from a store;
+- `grid`: a file's auto-window rows in a shard, each grid time decoded and encoded once;
 - `encoders`: the per-process CLIP encoder cache;
 - `decode_pool`: decode + preprocess of one video, in threads or a pool of processes;
 - `staging`: a shard's staging folder (staged videos, in-flight record, crash counts), the ledger
@@ -24,6 +29,9 @@ encoder forward per group (the frames of all its videos), so a GPU sees batches 
 frames. The groups depend only on the store (never on where a run resumed), so the cached bits do
 not depend on interruptions: a resumed run is bit-identical to an uninterrupted one. Decoding and
 preprocessing (the CPU work) run ahead of the encoder, in threads or in a pool of processes.
+
+Auto-window rows are not in those groups: the rows of one file form a unit (`grid`) whose distinct
+frames are decoded once, encoded in fixed batches and scattered into its rows (same bits on resume).
 
 Failed videos are retried by a later run when their file changed (size or mtime) or with
 `--retry-failed`; the ledger moves the old record to `failure_history`. Resume and crash safety:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from muse_pipeline.config import preset
 from muse_pipeline.errors import InputError, UserError
+from muse_pipeline.extract.windows import WindowSpec, window_spec
 
 if TYPE_CHECKING:
     from muse_pipeline.data import DatasetIndex
@@ -54,6 +55,15 @@ class ExtractConfig:
     precision: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     decode_workers: int | None = None  # None: threads on CPU, a process pool on CUDA; 0: threads
     dashboard: bool = False
+    window: int | None = None  # folder: auto-window length (s); None: 2 s per frame; 0: whole files
+    stride: int | None = None  # folder: seconds between window starts; None: half a window
+
+    @property
+    def window_spec(self) -> WindowSpec:
+        """The auto windows of the folder dataset (disabled for annotated datasets: their clips are given)."""
+        if self.dataset != "folder":
+            return WindowSpec(0, 0, self.max_frames)
+        return window_spec(self.window, self.stride, self.max_frames)
 
     @property
     def max_frames(self) -> int:
@@ -76,10 +86,43 @@ class ExtractConfig:
         return max(1, frames // self.max_frames)
 
     def store_path(self) -> Path:
+        """--out, else `<cache-dir>/<dataset>/<model>-<frames>f.zarr`; a folder library's store goes
+        under a folder named after its data root (`library_name`): two libraries never share one."""
         if self.out is not None:
             return Path(self.out)
         safe_model = self.model.replace("/", "-")
-        return Path(self.cache_dir) / self.dataset / f"{safe_model}-{self.max_frames}f.zarr"
+        base = Path(self.cache_dir) / self.dataset
+        if self.dataset == "folder":
+            base = base / library_name(self.data_root)
+        return base / f"{safe_model}-{self.max_frames}f.zarr"
+
+
+def library_name(data_root: Path | str) -> str:
+    """`<root folder name>-<8 hex of sha256 of the resolved root>`: readable, and unique per folder."""
+    import hashlib
+
+    root = Path(data_root).resolve()
+    name = re.sub(r"[^\w.-]+", "_", root.name).strip("._") or "root"
+    return f"{name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+
+def check_library_root(cfg: ExtractConfig, store: Path) -> None:
+    """InputError when `store` holds the library of another data root (folder dataset, without
+    --overwrite): one store per library; the fix is another --out, never deleting the other one."""
+    if cfg.dataset != "folder" or cfg.overwrite or not (Path(store) / "zarr.json").is_file():
+        return
+    try:
+        from muse_pipeline.cache.store import FeatureCache
+
+        stored = FeatureCache.open(store).fingerprint.get("data_root")
+    except (OSError, ValueError, KeyError):
+        return
+    root = str(Path(cfg.data_root).resolve())
+    if stored is not None and stored != root:
+        raise InputError(
+            f"{store} holds the library of {stored}, not {root}; give this folder its own store: "
+            "pass another --out (or leave --out out: the default store is named after the folder)"
+        )
 
 
 @dataclass
@@ -96,6 +139,8 @@ class ExtractSummary:
     warnings: list[dict] = field(default_factory=list)
     retried: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # frames per encoder forward, this run
+    library: str | None = None  # a folder library's update: "3 new, 1 changed, 1 removed, 11 unchanged"
+    path_taken: str = ""  # where the work ran: in this process or on dask, and why
 
     @property
     def failure_rate(self) -> float:
@@ -137,6 +182,34 @@ def default_decode_workers(device: str, n_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(n_workers, 1) - 1)
 
 
+@dataclass(frozen=True)
+class WorkPlan:
+    """Where the shard tasks run: `in_process` (no dask), else `local_workers` dask workers of a
+    LocalCluster (None with a --scheduler); `reason`: one line for the user."""
+
+    in_process: bool
+    local_workers: int | None
+    reason: str
+
+
+def choose_work_plan(cfg: ExtractConfig) -> WorkPlan:
+    """--scheduler: that cluster. --workers 0: this process. --workers N: a LocalCluster of N.
+    Default: a LocalCluster sized to the machine, except on a CPU where it would get one worker:
+    then this process, which does the same work without dask's start-up and transfers (measured
+    faster: BENCHMARKS.md, Extraction)."""
+    if cfg.scheduler is not None:
+        return WorkPlan(False, None, f"running on the dask scheduler at {cfg.scheduler}")
+    if cfg.workers == 0:
+        return WorkPlan(True, None, "running in this process (--workers 0)")
+    if cfg.workers is not None:
+        return WorkPlan(False, cfg.workers, f"running on a local dask cluster of {cfg.workers} worker(s) (--workers)")
+    n = default_workers(cfg.device)
+    if n == 1 and not cfg.device.startswith("cuda"):
+        return WorkPlan(True, None, f"running in this process: {os.cpu_count() or 1} CPU core(s) would give a "
+                                    "dask cluster one worker, which only adds overhead (--workers N to force dask)")
+    return WorkPlan(False, n, f"running on a local dask cluster of {n} worker(s) (sized to this machine)")
+
+
 def default_workers(device: str) -> int:
     """CPU: up to 8 workers of 2 threads; CUDA: one worker per GPU."""
     if device.startswith("cuda"):
@@ -175,6 +248,12 @@ def check_config(cfg: ExtractConfig) -> None:
     unknown = [s for s in cfg.splits or () if s not in SPLITS]
     if unknown:
         raise InputError(f"unknown split(s) {', '.join(unknown)}; choose from: {', '.join(SPLITS)}")
+    if cfg.dataset != "folder" and (cfg.window is not None or cfg.stride is not None):
+        raise InputError(f"--window / --stride cut the files of --dataset folder; {cfg.dataset} clips are given "
+                         "by its annotations")
+    if cfg.stride is not None and cfg.stride < 1:
+        raise InputError(f"--stride must be >= 1 second, got {cfg.stride}")
+    cfg.window_spec  # noqa: B018  (InputError for a window the frames do not divide)
     check_device(cfg.device)
     root = Path(cfg.data_root)
     if cfg.dataset != "synthetic" and not root.is_dir():  # synthetic generates a missing root
@@ -228,16 +307,18 @@ def check_output(store: Path, needed_bytes: int = 0) -> None:
         )
 
 
-def needed_bytes(cfg: ExtractConfig, index: DatasetIndex, num_tokens: int, dim: int, store: Path) -> int:
+def needed_bytes(cfg: ExtractConfig, index: DatasetIndex, num_tokens: int, dim: int, store: Path,
+                 extra_rows: int = 0) -> int:
     """Upper bound of what this run still writes: float16 tokens of the pending videos (compression
-    saves under 10% on tokens), the text embeddings, plus one staged shard."""
+    saves under 10% on tokens), the text embeddings, plus one staged shard. `extra_rows`: rows this
+    run appends to an existing store (a growing library)."""
     per_video = cfg.max_frames * num_tokens * dim * 2
     pending = len(index.videos)
     if store.exists():
         try:
             from muse_pipeline.cache.store import FeatureCache
 
-            pending = int((FeatureCache.open(store).read_done() == 0).sum())
+            pending = int((FeatureCache.open(store).read_done() == 0).sum()) + extra_rows
         except (OSError, ValueError, KeyError):
             pass
     return pending * per_video + len(index.captions) * dim * 2

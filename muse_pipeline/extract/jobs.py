@@ -2,6 +2,8 @@
 
 One `ShardJob` per shard of `videos/tokens` with a pending video; one `TextJob` per chunk of
 `texts/embeddings` (ROW_CHUNK rows) with a pending text. A job names its store, never holds it.
+A shard job's rows come from the store's own per-row arrays (a growing store's rows are not the
+dataset's order).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from muse_pipeline.cache.store import ROW_CHUNK as TEXT_CHUNK  # one text task per texts/* chunk
 
 if TYPE_CHECKING:
     from muse_pipeline.cache.store import FeatureCache
-    from muse_pipeline.data import DatasetIndex
     from muse_pipeline.extract.config import ExtractConfig
 
 
@@ -40,6 +43,8 @@ class ShardJob:
     precision: str = "fp32"
     videos_per_batch: int = 1
     decode_workers: int = 0  # 0: decode threads in the worker; N: a pool of N processes
+    sources: tuple[str, ...] = ()  # per video: the id of its file (rows of one file share it)
+    grid_steps: tuple[float | None, ...] = ()  # per video: auto-window grid step (s), None: clip protocol
 
 
 @dataclass(frozen=True)
@@ -57,20 +62,27 @@ class TextJob:
     precision: str = "fp32"
 
 
-def plan_shard_jobs(cfg: ExtractConfig, index: DatasetIndex, cache: FeatureCache, staging: Path,
+def _optional(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def plan_shard_jobs(cfg: ExtractConfig, cache: FeatureCache, staging: Path,
                     threads: int | None, run: str, decode_workers: int) -> list[ShardJob]:
     """A job for every shard that still has a pending video (done == 0)."""
     done = cache.read_done()
+    rows = np.arange(cache.n_videos)
+    ids, paths = cache.video_ids, cache.video_paths
+    windows, steps, sources = cache.read_windows(rows), cache.read_grid_steps(rows), cache.read_sources(rows)
     jobs = []
     for shard in range(cache.n_shards):
         lo, hi = cache.shard_range(shard)
         if (done[lo:hi] != 0).all():
             continue
-        videos = index.videos[lo:hi]
         jobs.append(ShardJob(
             store=str(cache.path), staging=str(staging), shard=shard, lo=lo, hi=hi,
-            paths=tuple(str(v.path) for v in videos), windows=tuple((v.start, v.end) for v in videos),
-            ids=tuple(v.id for v in videos), model=cfg.model, pretrained=cfg.pretrained,
+            paths=tuple(paths[lo:hi]), windows=tuple((_optional(a), _optional(b)) for a, b in windows[lo:hi]),
+            ids=tuple(ids[lo:hi]), sources=tuple(sources[lo:hi]),
+            grid_steps=tuple(_optional(g) for g in steps[lo:hi]), model=cfg.model, pretrained=cfg.pretrained,
             device=cfg.device, decoder=cfg.decoder, frames=cfg.max_frames, threads=threads, run=run,
             precision=cfg.resolved_precision, videos_per_batch=cfg.videos_per_batch,
             decode_workers=decode_workers,

@@ -28,7 +28,6 @@ from muse_pipeline.atomic import atomic_save_npy, atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from muse_pipeline.cache.store import FeatureCache
-    from muse_pipeline.data import DatasetIndex
     from muse_pipeline.extract.jobs import ShardJob
 
 # A video that was being decoded/encoded when its worker died this many times is given up on.
@@ -173,23 +172,23 @@ def merge_staged_ledgers(cache: FeatureCache, staging: Path) -> None:
         cache.add_warnings(warnings)
 
 
-def retry_failed_videos(index: DatasetIndex, cache: FeatureCache, staging: Path, retry_all: bool) -> int:
+def retry_failed_videos(cache: FeatureCache, staging: Path, retry_all: bool) -> int:
     """Set failed videos back to pending when their file changed since it failed (size or mtime),
     or all of them with `retry_all` (--retry-failed). Their ledger records move to
     `failure_history`. Returns how many were set back."""
     done = cache.read_done()
+    ids, paths = cache.video_ids, cache.video_paths
     records = {f["id"]: f for f in cache.failures}
     retry = []
     for i in np.flatnonzero(done == 2):
-        video = index.videos[int(i)]
-        record = records.get(video.id, {})
+        record = records.get(ids[i], {})
         changed = "size" in record and (
-            (record.get("size"), record.get("mtime_ns")) != tuple(file_state(str(video.path)).values())
+            (record.get("size"), record.get("mtime_ns")) != tuple(file_state(str(paths[i])).values())
         )
         if retry_all or changed:
             retry.append(int(i))
     if retry:
-        cache.retire_failures(index.videos[i].id for i in retry)
+        cache.retire_failures(ids[i] for i in retry)
         cache.mark_pending(retry)
     if retry_all and staging.exists():  # failures staged by an unfinished shard, too
         for path in [*staging.glob("shard-*/*.fail"), *staging.glob("shard-*/crashes.json")]:
@@ -200,7 +199,7 @@ def retry_failed_videos(index: DatasetIndex, cache: FeatureCache, staging: Path,
 def count_finished(cache: FeatureCache, staging: Path) -> int:
     """Videos finished so far: flagged in the store, plus staged in shards not yet written."""
     done = cache.read_done()
-    count = int((done != 0).sum())
+    count = int(((done == 1) | (done == 2)).sum())  # retired rows are no work of this library
     if staging.exists():
         for shard, folder in _shard_folders(staging):
             lo, hi = cache.shard_range(shard)

@@ -5,7 +5,8 @@ store's lock (`Superseded` otherwise). Within a shard, videos are encoded in fix
 `videos_per_batch` consecutive offsets (`encoder_groups`): one encoder forward per group, the same
 groups in every run, so a resumed run is bit-identical to an uninterrupted one. Decoding runs ahead
 of the encoder on `decode_pool`; after a crash (see `staging`) a shard goes one video at a time,
-decoded in the worker's own process.
+decoded in the worker's own process. Auto-window rows are not in those groups: the rows of one
+file form a unit (`grid.py`) whose distinct frames are decoded and encoded once.
 
 Test-only hooks (never set them in production): PAUSE_ENV pauses a run for good once this many
 videos were staged by the process, with the next group already marked in flight, so that a test
@@ -34,6 +35,7 @@ from muse_pipeline.extract.decode_pool import (
     failure_reason,
 )
 from muse_pipeline.extract.encoders import ENCODER_CACHE
+from muse_pipeline.extract.grid import GridUnit, grid_units, process_unit
 from muse_pipeline.extract.jobs import ShardJob, TextJob
 from muse_pipeline.extract.staging import ShardStaging
 
@@ -140,13 +142,18 @@ def process_shard(job: ShardJob, on_video: Callable[[], None] | None = None) -> 
     done_before = cache.read_done()[job.lo : job.hi]
 
     shard.fail_repeat_crashers(done_before)
+    units = grid_units(job.paths, job.windows, job.sources, job.grid_steps, job.frames) if job.grid_steps else []
+    clip_done = done_before.copy()
+    for unit in units:
+        clip_done[list(unit.offsets)] = 1  # not in the clip groups
     # Whole groups are redone when any member is missing: the encoder batch must be the same as in
     # an uninterrupted run for the bits to be the same.
-    groups = [g for g in encoder_groups(n, done_before, job.videos_per_batch)
+    groups = [g for g in encoder_groups(n, clip_done, job.videos_per_batch)
               if any(not shard.staged(offset) for offset in g)]
+    pending_units = [u for u in units if _unit_pending(u, done_before, shard)]
     one_at_a_time = bool(shard.crashes)  # after a crash: one video at a time, decoded in this process
     frames_encoded, batch_sizes = 0, []
-    if groups:
+    if groups or pending_units:
         encoder = ENCODER_CACHE.get(job.model, job.pretrained, worker_device(job.device), job.precision)
         preprocessing = (encoder.image_size, encoder.mean, encoder.std)
 
@@ -196,6 +203,13 @@ def process_shard(job: ShardJob, on_video: Callable[[], None] | None = None) -> 
                 if on_video is not None:
                     for _ in group:
                         on_video()
+        for unit in pending_units:
+            check_owner(job.store, job.run)
+            frames, sizes = _process_grid_unit(job, shard, encoder, unit, done_before, preprocessing,
+                                               None if one_at_a_time else decode_pool(job.decode_workers),
+                                               on_video)
+            frames_encoded += frames
+            batch_sizes.extend(sizes)
         shard.clear_inflight()
 
     # Every video of the shard is staged: write the shard once, then the done flags.
@@ -204,6 +218,40 @@ def process_shard(job: ShardJob, on_video: Callable[[], None] | None = None) -> 
     done, failures, warnings = shard.write_shard(cache, done_before)
     return {"shard": job.shard, "frames": frames_encoded, "cached": int((done == 1).sum()),
             "failures": failures, "warnings": warnings, "batch_sizes": batch_sizes}
+
+
+def _unit_pending(unit: GridUnit, done_before: np.ndarray, shard: ShardStaging) -> bool:
+    return any(done_before[o] == 0 and not shard.staged(o) for o in unit.offsets)
+
+
+def _process_grid_unit(job: ShardJob, shard: ShardStaging, encoder, unit: GridUnit, done_before: np.ndarray,
+                       preprocessing: tuple, pool, on_video: Callable[[], None] | None) -> tuple[int, list[int]]:
+    """One file's auto-window rows (all redone when any is missing: the same chunks and batches as an
+    uninterrupted run); stages the pending, unstaged ones."""
+    pending = {o for o in unit.offsets if done_before[o] == 0 and not shard.staged(o)}
+    shard.set_inflight(sorted(pending))
+    run_test_hooks(job, sorted(pending))
+
+    def stage_tokens(offset: int, array: np.ndarray, warnings: list[str]) -> None:
+        shard.stage_tokens(offset, array, warnings)
+        _advance(offset)
+
+    def stage_failure(offset: int, reason: str) -> None:
+        shard.stage_failure(offset, reason)
+        _advance(offset)
+
+    def _advance(offset: int) -> None:
+        global _staged_in_process
+        shard.video_done(offset)
+        _staged_in_process += 1
+        if on_video is not None:
+            on_video()
+
+    batch = max(1, job.videos_per_batch * job.frames)
+    result = process_unit(unit, pending, encoder, (job.decoder, *preprocessing), batch, pool,
+                          stage_tokens, stage_failure)
+    shard.clear_inflight()
+    return result
 
 
 def _encode_group(shard: ShardStaging, encoder, group: list[int], decoded: dict[int, DecodedVideo],

@@ -1,0 +1,106 @@
+"""What a run does to its store before extracting, planned read-only, then applied under the lock.
+
+`plan_store` decides, without writing anything, whether the run creates the store (its rows: long
+folder files cut into windows), resumes it, or brings a folder library's store up to its folder
+(`library.plan_update`); it checks the disk space for what the plan will write. The CLI's checks
+all run before the first write, the lock included. `apply_store_plan` (under the lock) creates,
+reopens or updates the store; a store that changed between planning and locking is planned again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from muse_pipeline.cache.compat import check_growing_fingerprint
+from muse_pipeline.cache.fingerprint import build_fingerprint
+from muse_pipeline.cache.schema import RETIRED, RowFacts, is_cache_dir
+from muse_pipeline.cache.store import FeatureCache
+from muse_pipeline.data.base import DatasetIndex
+from muse_pipeline.extract.config import ExtractConfig, check_output, needed_bytes
+from muse_pipeline.extract.library import LibraryUpdate, plan_update, text_rows
+from muse_pipeline.extract.rows import planned_rows, probe_files
+
+
+@dataclass
+class StorePlan:
+    """`rows` + `facts` to create (or resume) a store, or the `update` of a growing library; the
+    store's `fingerprint` and its `state` when planned (see `store_state`)."""
+
+    fingerprint: dict[str, Any]
+    state: tuple
+    rows: DatasetIndex | None = None
+    facts: RowFacts | None = None
+    update: LibraryUpdate | None = None
+
+
+def store_state(path: Path) -> tuple:
+    """What planning depends on: whether a store exists, its rows and its generations."""
+    if not is_cache_dir(path):
+        return (path.exists(),)
+    cache = FeatureCache.open(path)
+    return True, cache.n_videos, len(cache.generations), int((cache.read_done() == RETIRED).sum())
+
+
+def _growing(cfg: ExtractConfig, path: Path) -> FeatureCache | None:
+    """The existing store of a folder library (None: create or resume as for any dataset)."""
+    if cfg.dataset != "folder" or cfg.overwrite or not is_cache_dir(path):
+        return None
+    cache = FeatureCache.open(path)
+    return cache if cache.has_row_facts else None  # a store made before libraries could grow: as before
+
+
+def plan_store(cfg: ExtractConfig, index: DatasetIndex, encoder) -> StorePlan:
+    """Plan the store for `index` (read-only; InputError when the disk cannot take it)."""
+    path = cfg.store_path()
+    fingerprint = build_fingerprint(cfg, index, encoder.describe())
+    state = store_state(path)
+    cache = _growing(cfg, path)
+    if cache is None:
+        durations = probe_files(index) if cfg.window_spec.enabled else None
+        rows, facts = planned_rows(index, cfg.window_spec, durations)
+        check_output(path, needed_bytes(cfg, rows, encoder.num_tokens, encoder.dim, path))
+        return StorePlan(fingerprint, state, rows=rows, facts=facts)
+    check_growing_fingerprint(cache, fingerprint)
+    update = plan_update(cache, index, cfg.window_spec)
+    check_output(path, needed_bytes(cfg, update.rows, encoder.num_tokens, encoder.dim, path,
+                                    extra_rows=len(update.rows.videos)))
+    return StorePlan(fingerprint, state, update=update)
+
+
+def _words(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {word}" for word, n in counts.items())
+
+
+def apply_store_plan(cfg: ExtractConfig, index: DatasetIndex, encoder, plan: StorePlan,
+                     open_store: Callable) -> tuple[FeatureCache, Path, str | None]:
+    """Carry out `plan` (under the store's lock). `open_store(cfg, rows, encoder, facts)` creates or
+    reopens a store. Returns (store open for writing, staging folder, the library's changes in
+    words, or None for datasets that do not grow)."""
+    path = cfg.store_path()
+    if store_state(path) != plan.state:  # another run changed the store since: plan again
+        plan = plan_store(cfg, index, encoder)
+    if plan.update is None:
+        fresh = cfg.overwrite or not path.exists()
+        cache, staging = open_store(cfg, plan.rows, encoder, plan.facts)
+        if not (fresh and cfg.dataset == "folder"):
+            return cache, staging, None
+        counts = {"new": len({v.source_id for v in plan.rows.videos}), "changed": 0, "removed": 0, "unchanged": 0}
+        cache.record_generation({"generation": 1, "rows": [0, cache.n_videos], **counts})
+        return cache, staging, _words(counts)
+    update = plan.update
+    cache = FeatureCache.open(path, mode="r+")
+    if update.changes_anything:
+        lo = hi = cache.n_videos
+        if update.rows.videos:
+            lo, hi = cache.append_generation(update.rows, update.facts)
+        # recorded before the retirements: an interruption after the append keeps the record of its rows
+        active = int((cache.read_done() != RETIRED).sum()) - int(update.retire.size)
+        cache.record_generation({"generation": len(cache.generations) + 1, "rows": [lo, hi], **update.counts()},
+                                fingerprint={**plan.fingerprint, "n_videos": active})
+        cache.retire(update.retire)
+        if cache.n_texts:
+            cache.set_text_videos(text_rows(cache, index))
+    return cache, Path(str(path) + ".staging"), update.describe()
