@@ -32,7 +32,10 @@ from typing import Any
 import numpy as np
 
 VOLATILE_KEYS = {"created", "seconds", "time", "elapsed", "started", "finished", "date", "wall_s",
-                 "duration_s", "timings", "ended", "start_time", "end_time", "timestamp", "run_id", "reason"}
+                 "duration_s", "timings", "ended", "start_time", "end_time", "timestamp", "run_id", "reason",
+                 # safetensors writes its metadata map in a per-process random order: the file's hash
+                 # differs run to run while every tensor is the same (compared tensor by tensor here)
+                 "weights_sha256"}
 SKIP_SUFFIXES = {".png", ".pdf", ".lock", ".log", ".html", ".md"}
 
 
