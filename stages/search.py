@@ -3,11 +3,11 @@ self-contained index generation.
 
 The index's format is `muse_pipeline.search.index_format` (one generation folder) and
 `generations` (the root, CURRENT); querying it is `muse_pipeline.search.query.Searcher`; what an
-update copies and what faiss gets is `muse_pipeline.search.update`. This stage only wires a run (or
-`ZeroShotMeanP`) and a cache into them: it checks the run and the cache, records how to rebuild the
-cache's CLIP text tower, checks that the run's text side can be stored (`t + W t + b`, then L2),
-embeds the videos that are new since the current generation (done == 1, all splits), copies the
-others, and picks the tuning queries of an approximate index (the cache's own captions).
+update copies and what faiss gets is `muse_pipeline.search.update`; which embedder (a run's head or
+zero-shot CLIP) and which tuning queries is `muse_pipeline.search.embedder`. This stage only wires a
+run (or zero-shot CLIP) and a cache into them: it checks the cache, records how to rebuild the
+cache's CLIP text tower, embeds the videos that are new since the current generation (done == 1,
+all splits), copies the others, and publishes the generation.
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ from muse_pipeline.search.cache_columns import (
     file_sources,
     first_captions,
 )
+from muse_pipeline.search.embedder import load_indexable_run, run_embedder, tuning_queries, zero_shot_embedder
 from muse_pipeline.search.generations import is_index_root, open_index, publish
 from muse_pipeline.search.index_format import VideoIndex, write_index
-from muse_pipeline.search.query import adapter_state, apply_text_side, check_text_side, clip_record
+from muse_pipeline.search.query import clip_record
 from muse_pipeline.search.text_encoder import ensure_text_encoder
-from muse_pipeline.search.topk import APPROX_THRESHOLD, IVF_THRESHOLD, TUNING_QUERIES, plan_search
+from muse_pipeline.search.topk import APPROX_THRESHOLD, IVF_THRESHOLD, plan_search
 from muse_pipeline.search.update import (
-    ZERO_SHOT,
     ann_choice,
     cache_identity,
     extend_ann,
     identity_differences,
     index_identity,
+    kept_tuning,
     plan_rows,
-    run_identity,
 )
 
 
@@ -61,58 +61,6 @@ class IndexBuild:
     kept: int
     faiss: str
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Embedder:
-    model: Any  # a RetrievalModel or ZeroShotMeanP: embed_videos(tokens, mask) -> [B, D]
-    adapter: dict[str, np.ndarray] | None
-    extra: dict[str, Any]
-    run: dict[str, Any] | None  # run_identity, None for zero-shot
-    notes: list[str]
-
-
-def _load_run(run_dir: Path, which: str) -> tuple[Any, dict[str, Any]]:
-    from muse_pipeline.models.checkpoint import load_run
-
-    model, config = load_run(run_dir, which=which)
-    if config.get("end_to_end"):
-        raise InputError(
-            f"{run_dir} is an end-to-end run (CLIP fine-tuned): a cache of frozen-CLIP tokens does not "
-            "describe it, so it cannot be indexed from a cache; index a run trained from the cache"
-        )
-    return model, config
-
-
-def _run_embedder(run_dir: Path, model: Any, config: dict[str, Any], cache: Any, cache_path: Path, which: str,
-                  device: str) -> _Embedder:
-    from muse_pipeline.evaluation.score import check_compatible
-
-    fp = dict(cache.fingerprint or {})
-    try:
-        check_compatible(config.get("fingerprint") or {}, fp, cache_path)
-    except ValueError as exc:  # another CLIP model or weights: the run's heads were trained on other features
-        raise InputError(f"{exc}; index a cache extracted with the run's CLIP model and weights "
-                         "(or index this cache without a run: `muse index --cache CACHE --out INDEX`)") from None
-    adapter = adapter_state(model)  # load_run returns the model on the CPU
-    check_text_side(model, adapter, int(fp.get("dim") or config["model"]["dim"]))
-    notes = []
-    run_frames = (config.get("fingerprint") or {}).get("frames") or config["model"].get("max_frames")
-    if run_frames is not None and int(run_frames) != cache.frames:
-        notes.append(f"the run was trained on {int(run_frames)} frames per video, this cache holds "
-                     f"{cache.frames}: its head embeds {cache.frames} frames (recorded in index.json)")
-    extra = {"head": config["model"]["head"], "head_config": config["model"], "which": which,
-             "run_name": run_dir.name,
-             "frames": {"run": None if run_frames is None else int(run_frames), "cache": cache.frames}}
-    return _Embedder(model.eval().to(device), adapter, extra, run_identity(run_dir, which), notes)
-
-
-def _zero_shot_embedder(cache: Any) -> _Embedder:
-    from muse_pipeline.evaluation.embed import ZeroShotMeanP
-
-    extra = {"head": ZERO_SHOT, "head_config": None, "which": None, "run_name": None,
-             "frames": {"run": None, "cache": cache.frames}}
-    return _Embedder(ZeroShotMeanP(), None, extra, None, [])
 
 
 def _existing(out: Path, identity: dict[str, Any], overwrite: bool) -> tuple[VideoIndex | None, list[str]]:
@@ -168,7 +116,7 @@ def build_index(
             raise InputError("without a run, give the cache and the index folder: muse index --cache CACHE --out INDEX")
     else:
         run_dir = Path(run_dir).resolve()
-        model, config = _load_run(run_dir, which)
+        model, config = load_indexable_run(run_dir, which)
         if cache_path is None and not config.get("cache"):
             raise InputError(f"{run_dir}/config.json names no cache; pass one with --cache")
     out = Path(out_path) if out_path is not None else run_dir / "index"
@@ -182,8 +130,8 @@ def build_index(
     if missing:
         raise InputError(f"cache {cache_path} fingerprint lacks {missing}: cannot tell how to encode queries")
     clip = clip_record(fp, pretrained)
-    embedder = (_zero_shot_embedder(cache) if run_dir is None
-                else _run_embedder(run_dir, model, config, cache, cache_path, which, device))
+    embedder = (zero_shot_embedder(cache) if run_dir is None
+                else run_embedder(run_dir, model, config, cache, cache_path, which, device))
     identity = index_identity(embedder.run, cache_identity(cache_path, fp), clip)
     old, notes = _existing(out, identity, overwrite)
 
@@ -211,8 +159,8 @@ def build_index(
     index_rows = rows.cache_rows
     faiss = ann_choice(old.kind if old is not None else None, old is not None and (old.path / "ann.faiss").is_file(),
                        plan, rows)
-    ann = (extend_ann(old.ann_index(), new_emb), _tuned(old)) if faiss == "updated" else None
-    tuning = _tuning_queries(cache, embedder.adapter, emb) if faiss == "rebuilt" else None
+    ann = (extend_ann(old.ann_index(), new_emb), kept_tuning(old.meta["search"]["params"])) if faiss == "updated" else None
+    tuning = tuning_queries(cache, embedder.adapter, emb) if faiss == "rebuilt" else None
     previous = old.generation if old is not None else None
     update = {"previous": previous, "added": len(rows.new_cache_rows), "removed": rows.removed,
               "kept": len(rows.keep), "faiss": faiss}
@@ -236,21 +184,3 @@ def build_index(
     ensure_text_encoder(out, clip, pretrained=pretrained, device=device)
     return IndexBuild(out, generation, True, len(emb), update["added"], update["removed"], update["kept"],
                       faiss, [*embedder.notes, *notes])
-
-
-def _tuned(old: VideoIndex) -> dict[str, Any]:
-    """The old generation's tuned search parameters, kept by an updated approximate index."""
-    params = old.meta["search"]["params"]
-    return {k: v for k, v in params.items() if k in ("efSearch", "nprobe") or k.startswith("recall_at_")
-            or k == "tuning_queries"}
-
-
-def _tuning_queries(cache: Any, adapter: dict[str, np.ndarray] | None, emb: np.ndarray) -> np.ndarray:
-    """Queries an approximate index is tuned on: the cache's own captions through the text side, or
-    (a cache without captions) every n-th video row."""
-    text_done = np.flatnonzero(np.asarray(cache.read_text_done()) == 1)
-    if not len(text_done):
-        return emb[:: max(1, len(emb) // TUNING_QUERIES)]
-    pick = text_done[np.linspace(0, len(text_done) - 1, min(TUNING_QUERIES, len(text_done))).astype(int)]
-    return apply_text_side(np.asarray(cache.read_text_embeddings(pick), np.float32), adapter)
-

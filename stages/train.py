@@ -4,9 +4,10 @@ Single process: `run_train(from_cache=...)`. Multi-GPU: the same call in every t
 (see muse_pipeline.training.distributed); rank 0 writes the run directory.
 
 The decisions (configs, seqTransf plan, initialisation, run record, run-dir choice, resume checks)
-live in `muse_pipeline.training.run_setup`; the call's options are one `TrainRequest`. This module
-wires them: it prepares the mode's data source (`_prepare_from_cache` / `_prepare_end_to_end`), then
-one shared body (`_run`) builds the model, writes config.json and trains.
+live in `muse_pipeline.training.run_setup`; the call's options are one `TrainRequest`; the mode's
+data source is `muse_pipeline.training.prepare`. This module wires them: it prepares the source
+(`prepare_from_cache` / `prepare_end_to_end`), then one shared body (`_run`) builds the model,
+writes config.json and trains.
 
 Mid-epoch resume skips the batches the interrupted epoch had already trained (their order is a
 function of seed and epoch), so it does not redo them; the result equals an uninterrupted run.
@@ -17,34 +18,25 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from muse_pipeline.atomic import atomic_write_json
 from muse_pipeline.models.checkpoint import read_run_config
-from muse_pipeline.training.config import TrainConfig
 from muse_pipeline.training.data import SplitPlan, plan_splits
 from muse_pipeline.training.distributed import DistContext, barrier, setup
 from muse_pipeline.training.loop import LoopState, NonFiniteLossError, Trainer, effective_amp, seed_everything
+from muse_pipeline.training.prepare import PreparedSource, prepare_end_to_end, prepare_from_cache
 from muse_pipeline.training.request import TrainRequest
 from muse_pipeline.training.run_setup import (
     ConfigMismatch,
     build_model,
-    check_fingerprints,
     check_plan,
     choose_run_dir,
-    clip_source_of,
-    grid_of,
     initialise,
-    is_random_init,
-    new_model_config,
     param_rows,
-    preset_names,
-    resumed_configs,
     run_record,
     seqtransf_plan,
 )
@@ -182,156 +174,15 @@ def _train_once(req: TrainRequest) -> Any:
     if end_to_end:
         if from_cache is not None:
             raise ValueError("--from-cache and --end-to-end exclude each other")
-        return _run(ctx, req, saved, runtime, _prepare_end_to_end(ctx, req, saved))
+        return _run(ctx, req, saved, runtime, prepare_end_to_end(ctx, req, saved))
     if from_cache is None:
         if saved is None:
             raise ValueError("give --from-cache CACHE (or --end-to-end --dataset NAME --data-root PATH)")
         from_cache = saved["cache"]
-    return _run(ctx, req, saved, runtime, _prepare_from_cache(ctx, req, saved, Path(from_cache)))
+    return _run(ctx, req, saved, runtime, prepare_from_cache(ctx, req, saved, Path(from_cache)))
 
 
-@dataclass
-class _Prepared:
-    """What a data source contributes before the shared body of a run (`_run`).
-
-    cfg / model_cfg: the run's configs (resumed ones as saved); seq_source: the CLIP identity seqTransf's
-    plan starts from; plan_inputs: (video ids, splits, done flags, text_video) for `plan_splits`;
-    where: what errors name; make_pair(retrieval) -> the trained module; make_data(plan, cfg, runtime) ->
-    (dataset, validator); clip_model: CLIP for seqTransf's copy (None: read from the fingerprint's
-    weights); config: the source's config.json fields (cache, end_to_end, ...)."""
-
-    fp: dict
-    cfg: TrainConfig
-    model_cfg: dict
-    seq_source: dict
-    plan_inputs: tuple
-    text_video: np.ndarray
-    where: Path | str
-    default_name: str
-    make_pair: Callable[[Any], Any]
-    make_data: Callable[[SplitPlan, TrainConfig, dict], tuple[Any, Any]]
-    clip_model: Any = None
-    config: dict[str, Any] = field(default_factory=dict)
-    config_tail: dict[str, Any] = field(default_factory=dict)
-
-
-def _prepare_from_cache(ctx: DistContext, req: TrainRequest, saved: dict | None, cache_path: Path) -> _Prepared:
-    from muse_pipeline.training.data import cache_dataset, choose_cache_memory, open_cache_arrays
-    from muse_pipeline.training.modules import CachePairModel
-    from muse_pipeline.training.validate import CacheValidator
-
-    choose_cache_memory(req.cache_memory, 0, ctx.device)  # a bad mode is refused before the cache is read
-    arrays = open_cache_arrays(cache_path)
-    fp = arrays.fingerprint
-    overrides = dict(req.train_overrides)
-    if saved is not None:
-        check_fingerprints(saved.get("fingerprint") or {}, fp, cache_path, req.resume)
-        cfg, model_cfg = resumed_configs(saved, overrides, req.head)
-    else:
-        for key, have in (("frames", arrays.frames), ("words", fp.get("words"))):
-            given = overrides.get(key)
-            if given is not None and have is not None and int(given) != int(have):
-                raise ConfigMismatch(
-                    f"--{key} {given} differs from the cache's {have} ({cache_path}); "
-                    f"re-extract with --{key} {given} or drop the option"
-                )
-        ds = str(fp.get("dataset", "synthetic"))
-        preset_name = ds if ds in preset_names() else "folder"
-        cfg = TrainConfig.from_preset(preset_name, **overrides).replace(
-            dataset=ds,
-            frames=arrays.frames,
-            words=int(fp.get("words", 32)),
-            head=req.head or overrides.get("head") or "muse",
-        )
-        model_cfg = new_model_config(cfg, arrays.dim, grid_of(arrays.num_tokens), is_random_init(fp),
-                                     req.model_overrides, fp.get("encoder"))
-
-    def make_data(plan: SplitPlan, cfg: TrainConfig, runtime: dict) -> tuple[Any, Any]:
-        dataset, memory = cache_dataset(arrays, plan.train_texts, req.cache_memory, ctx.device, ctx.world_size)
-        runtime["cache_memory"] = memory.to_dict()
-        if ctx.is_main:
-            log.info("%s", memory.describe())
-        return dataset, CacheValidator(dataset, plan, arrays.text_video, arrays.text_emb, ctx.device)
-
-    return _Prepared(
-        fp=fp, cfg=cfg, model_cfg=model_cfg, seq_source=clip_source_of(fp),
-        plan_inputs=(arrays.video_ids, arrays.video_split, arrays.video_done, arrays.text_video),
-        text_video=arrays.text_video, where=cache_path, default_name=f"{cfg.dataset}-{cfg.head}",
-        make_pair=CachePairModel, make_data=make_data,
-        config={"cache": str(cache_path.resolve()), "fingerprint": fp, "end_to_end": False},
-    )
-
-
-def _prepare_end_to_end(ctx: DistContext, req: TrainRequest, saved: dict | None) -> _Prepared:
-    from muse_pipeline.cache.fingerprint import build_fingerprint as extract_fingerprint
-    from muse_pipeline.data import load_dataset
-    from muse_pipeline.encoders.clip import ClipEncoder
-    from muse_pipeline.extract.config import ExtractConfig
-    from muse_pipeline.training.data import CACHED, EndToEndPairDataset
-    from muse_pipeline.training.modules import EndToEndPairModel
-    from muse_pipeline.training.validate import EndToEndValidator
-
-    dataset, data_root = req.dataset, req.data_root
-    model, pretrained, decoder = req.model, req.pretrained, req.decoder
-    overrides = dict(req.train_overrides)
-    if saved is not None:
-        e2e = saved["end_to_end_source"]
-        dataset = dataset or e2e["dataset"]
-        data_root = data_root or e2e["data_root"]
-        model, pretrained, decoder = e2e["model"], e2e["pretrained"], e2e["decoder"]
-    if dataset is None or data_root is None:
-        raise ValueError("--end-to-end needs --dataset NAME and --data-root PATH")
-    index = load_dataset(dataset, data_root)
-    # CLIP is built on the CPU first: the pair model moves to the rank's device with the trainer.
-    encoder = ClipEncoder(model, pretrained=pretrained, device="cpu")
-    info = encoder.describe()
-    if saved is not None:
-        cfg, model_cfg = resumed_configs(saved, overrides, req.head)
-    else:
-        cfg = TrainConfig.from_preset(dataset, **overrides).replace(head=req.head or "muse", end_to_end=True)
-        model_cfg = new_model_config(cfg, encoder.dim, encoder.grid, pretrained is None, req.model_overrides, info)
-    # the same identity as a cache of these frames would carry (model, weights, frames, annotations...)
-    source = ExtractConfig(dataset=dataset, data_root=Path(data_root), model=model, pretrained=pretrained,
-                           frames=cfg.frames, words=cfg.words, decoder=decoder)
-    fp = {**extract_fingerprint(source, index, info), "mode": "end-to-end"}
-    if saved is not None:
-        check_fingerprints(saved.get("fingerprint") or {}, fp, data_root, req.resume)
-    text_video = np.asarray([c.video_index for c in index.captions], dtype=np.int64)
-
-    def make_pair(retrieval: Any) -> Any:
-        pair = EndToEndPairModel(encoder, retrieval)
-        # CLIP's own temperature (and SigLIP-style bias) are unused here: the run's temperature is the
-        # RetrievalModel's logit_scale (initialised as CLIP's, trained at the CLIP lr). Frozen, so DDP
-        # sees no unused grads.
-        encoder.model.logit_scale.requires_grad_(False)
-        if getattr(encoder.model, "logit_bias", None) is not None:
-            encoder.model.logit_bias.requires_grad_(False)
-        return pair
-
-    def make_data(plan: SplitPlan, cfg: TrainConfig, runtime: dict) -> tuple[Any, Any]:
-        text_ids = encoder.tokenize([c.text for c in index.captions], cfg.words)
-        ds = EndToEndPairDataset(index.videos, text_video, text_ids, plan.train_texts, cfg.frames,
-                                 encoder.image_size, encoder.mean, encoder.std, decoder)
-        return ds, EndToEndValidator(ds, plan, text_video, ctx.device)
-
-    return _Prepared(
-        fp=fp, cfg=cfg, model_cfg=model_cfg,
-        seq_source={"model": model, "pretrained": pretrained, "weights": info["weights_id"],
-                    "quick_gelu": info["quick_gelu"]},
-        plan_inputs=([v.id for v in index.videos], [v.split for v in index.videos],
-                     np.full(len(index.videos), CACHED, np.uint8), text_video),
-        text_video=text_video, where=data_root, default_name=f"{dataset}-{cfg.head}-e2e",
-        make_pair=make_pair, make_data=make_data, clip_model=encoder.model,
-        config={"cache": None, "fingerprint": fp, "end_to_end": True},
-        config_tail={
-            "end_to_end_source": {"dataset": dataset, "data_root": str(Path(data_root).resolve()), "model": model,
-                                  "pretrained": pretrained, "decoder": decoder},
-            "init_head": str(req.init_head) if req.init_head else None,
-        },
-    )
-
-
-def _run(ctx: DistContext, req: TrainRequest, saved: dict | None, runtime: dict[str, Any], prep: _Prepared) -> Any:
+def _run(ctx: DistContext, req: TrainRequest, saved: dict | None, runtime: dict[str, Any], prep: PreparedSource) -> Any:
     """The part both sources share: seqTransf plan, split plan, model, init, config.json, training."""
     cfg, model_cfg = prep.cfg, prep.model_cfg
     seq_plan = None

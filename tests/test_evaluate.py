@@ -268,7 +268,7 @@ def test_print_eval_renders(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Report (stages/report.py): plots read metrics.jsonl and eval.json.
+# Report (stages/report.py, evaluation/plots.py, training/metrics_log.py): plots read metrics.jsonl and eval.json.
 
 
 def _fake_run(root: Path, name: str, head: str, r1: float, with_eval: bool = True) -> Path:
@@ -292,7 +292,8 @@ def _fake_run(root: Path, name: str, head: str, r1: float, with_eval: bool = Tru
 
 
 def test_report_writes_pngs(tmp_path: Path) -> None:
-    from muse_pipeline.stages.report import read_metrics_log, write_report
+    from muse_pipeline.stages.report import write_report
+    from muse_pipeline.training.metrics_log import read_metrics_log
 
     a = _fake_run(tmp_path, "a", "muse", 40.0)
     b = _fake_run(tmp_path, "b", "meanP", 35.0)
@@ -341,7 +342,8 @@ def test_report_computes_the_zero_shot_baseline_from_the_runs_cache(tmp_path: Pa
 
 
 def test_report_errors(tmp_path: Path) -> None:
-    from muse_pipeline.stages.report import read_metrics_log, val_r1, write_report
+    from muse_pipeline.stages.report import write_report
+    from muse_pipeline.training.metrics_log import read_metrics_log, val_r1
 
     empty = tmp_path / "empty"
     empty.mkdir()

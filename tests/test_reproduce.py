@@ -118,3 +118,18 @@ def test_reproduce_with_annotations_but_no_videos(tmp_path):
     shutil.rmtree(root / "videos")
     proc = _make("reproduce-msrvtt", f"MSRVTT_ROOT={root}", cwd=tmp_path)
     assert proc.returncode != 0 and "none of the 8 videos" in " ".join(proc.stderr.split())
+
+
+def test_results_page_rows_and_the_final_logit_scale(tmp_path):
+    from muse_pipeline.reproduce.results_page import diff_row, metric_row
+    from muse_pipeline.training.metrics_log import final_logit_scale
+
+    assert metric_row("x", {"R1": 44.84, "MdR": 2}, "p") == "| x | p | 44.8 | - | - | 2.0 | - |"
+    assert diff_row("d", {"R1": 40.0, "R5": 70.0}, {"R1": 44.5, "MnR": 3.0}) == "| d | -4.5 | - | - | - | - |"
+    run = tmp_path / "run"
+    run.mkdir()
+    assert final_logit_scale(run) is None  # no metrics.jsonl
+    records = [{"kind": "epoch", "epoch": 0, "logit_scale": 3.0}, {"kind": "step", "step": 1, "logit_scale": 9.0},
+               {"kind": "epoch", "epoch": 1, "logit_scale": 4.5}, {"kind": "epoch", "epoch": 2}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert final_logit_scale(run) == 4.5  # the last epoch record that has one; step records ignored

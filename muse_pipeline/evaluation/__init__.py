@@ -1,2 +1,3 @@
 """Evaluation library (spec section 8): embed a split once (`embed`), score it (`score`), end-to-end
-runs (`end_to_end`), and the eval.json / eval.md / terminal output (`tables`)."""
+runs (`end_to_end`), the eval.json / eval.md / terminal output (`tables`) and the report figures
+(`plots`)."""

@@ -5,6 +5,7 @@
 - `index_format`: one index generation's on-disk format (writer, reader); its docstring is the contract.
 - `generations`: the index root (CURRENT, immutable generation folders): publish, open the current one.
 - `update`: what an index update copies, embeds, and does with faiss; when an update is allowed.
+- `embedder`: which embedder an index uses (a run's head or zero-shot meanP) and its tuning queries.
 - `cache_columns`: the per-video columns an index copies from a feature cache (windows, durations,
   sources, captions, paths).
 - `moments`: a hit's moment as text and as a media fragment; hits grouped per source file.

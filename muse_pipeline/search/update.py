@@ -123,3 +123,10 @@ def extend_ann(old_ann: Any, new_rows: np.ndarray) -> Any:
     if len(new_rows):
         copy.add(np.ascontiguousarray(new_rows, dtype=np.float32))
     return copy
+
+
+def kept_tuning(search_params: dict[str, Any]) -> dict[str, Any]:
+    """The tuned search parameters an updated approximate index keeps from the old generation's
+    `index.json` search params: efSearch / nprobe, the recall_at_* it measured, its tuning_queries."""
+    return {k: v for k, v in search_params.items() if k in ("efSearch", "nprobe") or k.startswith("recall_at_")
+            or k == "tuning_queries"}

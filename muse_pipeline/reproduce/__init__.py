@@ -1,0 +1,1 @@
+"""`muse reproduce`'s library: published numbers (`published`) and the results page (`results_page`)."""
