@@ -122,3 +122,31 @@ class LoopbackServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+def headless_chromium():
+    """A selenium driver of Debian's chromium, headless, autoplay allowed. Fails (not skips) under
+    CI=true when chromium, chromedriver or selenium is missing; skips elsewhere."""
+    import os
+    import shutil
+
+    import pytest
+
+    binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver_path = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        binary = None
+    if not (binary and driver_path):
+        reason = "needs chromium + chromedriver (apt-get install chromium chromium-driver) and selenium"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"browser test cannot run in CI: {reason}")
+        pytest.skip(reason=reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,900", "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=driver_path), options=options)

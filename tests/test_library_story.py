@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from search_helpers import write_moving_bar_video
+from search_helpers import headless_chromium, write_moving_bar_video
 from typer.testing import CliRunner
 
 from muse_pipeline.cli.main import app
@@ -163,21 +163,11 @@ def test_own_library_story(library: Path, tmp_path: Path) -> None:
 
 
 def _play_moment_in_browser(base: str, hit: dict) -> None:
-    from test_serve import _browser
-
-    binary, driver_path = _browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,900", "--autoplay-policy=no-user-gesture-required"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver = headless_chromium()
     try:
         wait = WebDriverWait(driver, 20)
         driver.get(base + "/")

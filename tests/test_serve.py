@@ -8,8 +8,6 @@ identity text side, so caption k must retrieve video k. Expected hits come from 
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from search_helpers import (
     CAPTIONS,
     RANDOM_INIT_CLIP,
     LoopbackServer,
+    headless_chromium,
     unit_text_embeddings,
     write_moving_bar_video,
 )
@@ -158,37 +157,14 @@ def test_page_and_headers(client) -> None:
 # The page in a real browser.
 
 
-def _browser() -> tuple[str, str]:
-    binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-    driver = shutil.which("chromedriver")
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        binary = None
-    if binary and driver:
-        return binary, driver
-    reason = "needs chromium + chromedriver (apt-get install chromium chromium-driver) and selenium"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"browser test cannot run in CI: {reason}")
-    pytest.skip(reason=reason)
-
-
 def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
-    binary, driver_path = _browser()
     from PIL import Image
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,900", "--autoplay-policy=no-user-gesture-required"):
-        options.add_argument(arg)
+    driver = headless_chromium()
     with LoopbackServer(served[0]) as server:
-        driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
         try:
             wait = WebDriverWait(driver, 15)
             driver.get(server.url + "/")

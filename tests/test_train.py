@@ -382,7 +382,8 @@ def test_refit_trains_on_every_training_video(tmp_path, monkeypatch, caplog):
     train_rows = {int(r) for r in np.flatnonzero(arrays.video_split[arrays.text_video] == "train")}
     assert len(train_rows) == 20
     seen = _record_batches(monkeypatch)
-    caplog.set_level(logging.INFO)
+    # on our logger itself: an earlier CLI test in this process may have left it at WARNING (--quiet)
+    caplog.set_level(logging.INFO, logger="muse_pipeline")
     refit = run_train(from_cache=cache, runs_dir=tmp_path / "runs", name="sel", head="meanP", epochs=3,
                       batch_size=4, val_fraction=0.2, num_workers=0, quiet=True, refit=True)
     said = [r.getMessage() for r in caplog.records]
