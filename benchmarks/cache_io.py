@@ -233,7 +233,7 @@ def batch_read_tables(args) -> None:
                  for c, p in stores.items()}
         methods = [
             ("memmap .npy gather (baseline)", lambda r: np.ascontiguousarray(memmap[r])),
-            ("in-RAM gather (--cache-memory ram)", lambda r: ram_ds._gather(r)[0]),
+            ("in-RAM gather (--cache-memory ram)", lambda r: ram_ds.gather_rows(r)[0]),
         ]
         for c, reader in readers.items():
             tag = "zstd" if c else "raw"

@@ -284,7 +284,7 @@ def check_training(table: Table, sizes: Sizes, work: Path) -> None:
         last = time.monotonic()
         for batch in loader:
             got = time.monotonic()
-            trainer._train_step(batch, False)  # the trainer's own step: autocast, loss, clip, AdamW
+            trainer.train_step(batch, False)  # the trainer's own step: autocast, loss, clip, AdamW
             _sync(dev)
             done = time.monotonic()
             steps += 1

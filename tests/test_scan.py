@@ -142,7 +142,7 @@ def test_numba_exp_float32_accuracy():
     @numba.njit
     def exps(x, out):
         for i in range(x.shape[0]):
-            out[i] = scan_numba._exp(x[i])
+            out[i] = scan_numba.typed_exp(x[i])
 
     x = np.concatenate([np.linspace(-110, 95, 200_001, dtype=np.float32),
                         np.array([0, -0.0, np.nan, -np.inf, np.inf], dtype=np.float32)])
@@ -252,7 +252,7 @@ def test_several_tiles(monkeypatch, tile):
     # Small tiles force several channel groups and time blocks (the state crossing block borders both
     # ways): tile 1 -> one channel x one step per tile; 96 -> one channel x 12 steps (3 chunks of 4).
     monkeypatch.setattr(scan_mod, "TILE_ELEMENTS", tile)
-    assert scan_mod._tiling(2, 5, 21, 4, torch.device("cpu"))[1:] == ((1, 1) if tile == 1 else (12, 4))
+    assert scan_mod.scan_tiling(2, 5, 21, 4, torch.device("cpu"))[1:] == ((1, 1) if tile == 1 else (12, 4))
     y_ref, y_new, g_ref, g_new = run_both(make_inputs(2, 5, 21, 4, seed=7))
     torch.testing.assert_close(y_new, y_ref, atol=1e-10, rtol=1e-10)
     for name in NAMES:

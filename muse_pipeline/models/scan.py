@@ -36,7 +36,7 @@ from muse_pipeline.models import dispatch
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
-# Elements of one [time block, B, channel group, N] tile (see _tiling). CPU: ~2 MB of float32, near
+# Elements of one [time block, B, channel group, N] tile (see scan_tiling). CPU: ~2 MB of float32, near
 # the L2 cache; it also bounds memory for long sequences (B=8, Dm=512, L=16k would otherwise need GBs
 # per temporary). CUDA: kernel launches, not caches, are the cost there, so tiles are large.
 TILE_ELEMENTS = 1 << 19
@@ -140,7 +140,7 @@ class _ScanCore(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C):  # noqa: N803 (mamba_ssm's names)
         batch, dm, length = u.shape
         n = A.shape[1]
-        g, tb, k = _tiling(batch, dm, length, n, u.device)
+        g, tb, k = scan_tiling(batch, dm, length, n, u.device)
         blocks = range(0, length, tb)
         y = torch.empty_like(u)
         starts = u.new_zeros(len(blocks), batch, dm, n)  # state entering each time block
@@ -238,7 +238,7 @@ def _tile(ws: _Workspace, tb: int, dl: torch.Tensor, ul: torch.Tensor, a_mat: to
     return a, b
 
 
-def _tiling(batch: int, dm: int, length: int, n: int, device: torch.device) -> tuple[int, int, int]:
+def scan_tiling(batch: int, dm: int, length: int, n: int, device: torch.device) -> tuple[int, int, int]:
     """(channels per group g, time-block length tb, in-block chunk k) so that one [tb, Bt, g, N] tile
     holds about TILE_ELEMENTS: small enough to stay in the CPU caches across the ~10 passes made over
     it, large enough that per-op overhead stays small. On CUDA one big tile (launches dominate)."""

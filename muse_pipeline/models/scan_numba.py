@@ -78,12 +78,12 @@ def _expf(x):
     return res
 
 
-def _exp(x):
+def typed_exp(x):
     """exp in the work dtype: `_expf` for float32, libm's exp for float64 (the precision tests' dtype)."""
     return math.exp(x)
 
 
-@overload(_exp)
+@overload(typed_exp)
 def _exp_overload(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         return lambda x: _expf(x)
@@ -110,7 +110,7 @@ def _forward_task(b, d, n_state, u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fi
         if has_z:  # silu(z) for the whole interval first: a loop that vectorises, exp included
             for i in range(r):
                 zt = z[b, d, (length - 1 - t0 - i) if reverse else (t0 + i)]
-                gate[i] = zt / (one + _exp(-zt))
+                gate[i] = zt / (one + typed_exp(-zt))
         for i in range(r):
             t = (length - 1 - t0 - i) if reverse else (t0 + i)
             dt = delta[b, d, t]
@@ -120,7 +120,7 @@ def _forward_task(b, d, n_state, u, delta, A, Bk, Ck, D, z, has_z, b_fixed, c_fi
             ct = crow[t * cstep]
             y = d_d * ut
             for n in range(n_state):
-                hn = _exp(dt * a_d[n]) * h[n] + dbu * bt[n]
+                hn = typed_exp(dt * a_d[n]) * h[n] + dbu * bt[n]
                 h[n] = hn
                 y += hn * ct[n]
             out[b, d, t] = y * gate[i]
@@ -183,7 +183,7 @@ def _backward_task(b, g, n_state, per_group, u, delta, A, Bk, Ck, D, z, has_z, b
                 ct = crow[t * cstep]
                 y = d_d * ut
                 for n in range(n_state):
-                    a = _exp(dt * a_d[n])
+                    a = typed_exp(dt * a_d[n])
                     a_buf[i, n] = a
                     hn = a * h_buf[i, n] + dbu * bt[n]
                     h_buf[i + 1, n] = hn
@@ -191,7 +191,7 @@ def _backward_task(b, g, n_state, per_group, u, delta, A, Bk, Ck, D, z, has_z, b
                 y_buf[i] = y
             if has_z:
                 for i in range(r):
-                    sig[i] = one / (one + _exp(-z[b, d, (length - 1 - t0 - i) if reverse else (t0 + i)]))
+                    sig[i] = one / (one + typed_exp(-z[b, d, (length - 1 - t0 - i) if reverse else (t0 + i)]))
             for i in range(r - 1, -1, -1):  # and walk them backwards
                 t = (length - 1 - t0 - i) if reverse else (t0 + i)
                 ut = u[b, d, t]

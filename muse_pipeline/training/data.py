@@ -365,7 +365,7 @@ class InMemoryCachePairDataset(CachePairDataset):
     def __getstate__(self) -> dict:
         raise TypeError("InMemoryCachePairDataset is used in the main process only (make_loader: no workers)")
 
-    def _gather(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_rows(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.from_numpy(slots).to(self.device)
         if self.device.type != "cpu":
             return self.tokens.index_select(0, index), self.mask.index_select(0, index)
@@ -382,11 +382,11 @@ class InMemoryCachePairDataset(CachePairDataset):
         slots = self.slot[np.asarray(videos, dtype=np.int64)]
         if (slots < 0).any():
             return super().read_videos(videos)
-        return self._gather(slots)
+        return self.gather_rows(slots)
 
     def __getitem__(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = self.text_rows[np.asarray(positions, dtype=np.int64)]
-        tokens, mask = self._gather(self.slot[self.text_video[rows]])
+        tokens, mask = self.gather_rows(self.slot[self.text_video[rows]])
         return {"tokens": tokens, "mask": mask, "text_emb": torch.from_numpy(self.text_emb[rows])}
 
 

@@ -233,7 +233,7 @@ class Trainer:
             dist.all_reduce(t)
         return t.tolist()
 
-    def _train_step(self, batch: dict[str, torch.Tensor], stop_requested: bool) -> tuple[float, bool]:
+    def train_step(self, batch: dict[str, torch.Tensor], stop_requested: bool) -> tuple[float, bool]:
         """One optimizer step; returns (global loss, whether any rank asked to stop)."""
         batch = _to_device(batch, self.ctx.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
@@ -322,7 +322,7 @@ class Trainer:
                 self.net.train()
                 try:
                     for batch in loader:
-                        loss, stop = self._train_step(batch, flag["stop"])
+                        loss, stop = self.train_step(batch, flag["stop"])
                         self._after_step(epoch, loss, progress)
                         if stop:
                             raise KeyboardInterrupt
