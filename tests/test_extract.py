@@ -86,8 +86,11 @@ def _start_paused(cmd: list[str], out: Path, after: int) -> subprocess.Popen:
     speed, decides when it is interrupted."""
     marker = Path(str(out) + ".staging") / PAUSED_MARKER
     marker.unlink(missing_ok=True)
+    # A shell that starts a job in the background (CI runners may) leaves SIGINT ignored, and Python
+    # then never installs its Ctrl-C handler: the child gets SIGINT's default back, as in a terminal.
     proc = subprocess.Popen(cmd, env={**os.environ, PAUSE_ENV: str(after)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600  # a safety net for a broken hook, not a timing assumption
     while not marker.exists():
         if proc.poll() is not None:
