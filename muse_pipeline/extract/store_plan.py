@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from muse_pipeline.cache.compat import check_growing_fingerprint
 from muse_pipeline.cache.fingerprint import build_fingerprint
 from muse_pipeline.cache.schema import RETIRED, RowFacts, is_cache_dir
@@ -70,10 +72,6 @@ def plan_store(cfg: ExtractConfig, index: DatasetIndex, encoder) -> StorePlan:
     return StorePlan(fingerprint, state, update=update)
 
 
-def _words(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {word}" for word, n in counts.items())
-
-
 def apply_store_plan(cfg: ExtractConfig, index: DatasetIndex, encoder, plan: StorePlan,
                      open_store: Callable) -> tuple[FeatureCache, Path, str | None]:
     """Carry out `plan` (under the store's lock). `open_store(cfg, rows, encoder, facts)` creates or
@@ -87,9 +85,10 @@ def apply_store_plan(cfg: ExtractConfig, index: DatasetIndex, encoder, plan: Sto
         cache, staging = open_store(cfg, plan.rows, encoder, plan.facts)
         if not (fresh and cfg.dataset == "folder"):
             return cache, staging, None
-        counts = {"new": len({v.source_id for v in plan.rows.videos}), "changed": 0, "removed": 0, "unchanged": 0}
-        cache.record_generation({"generation": 1, "rows": [0, cache.n_videos], **counts})
-        return cache, staging, _words(counts)
+        first = LibraryUpdate(plan.rows, plan.facts, np.zeros(0, np.int64),
+                              new=sorted({v.source_id for v in plan.rows.videos}))
+        cache.record_generation({"generation": 1, "rows": [0, cache.n_videos], **first.counts()})
+        return cache, staging, first.describe()
     update = plan.update
     cache = FeatureCache.open(path, mode="r+")
     if update.changes_anything:
