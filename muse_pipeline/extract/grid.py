@@ -104,7 +104,7 @@ def decode_grid_and_preprocess(path: str, step: int, first: int, count: int, dec
         grid = decode_grid(path, step, first, count, backend=decoder)
         if grid.count == 0:
             return DecodedGrid(first, count, np.zeros((0, 3, image_size, image_size), np.float32),
-                               tuple(grid.warnings))
+                               tuple(str(w) for w in grid.warnings))
         pixels = preprocess_frames(grid.frames, image_size, mean, std).numpy()
         return DecodedGrid(first, count, pixels, tuple(str(w) for w in grid.warnings))
     except Exception as exc:  # noqa: BLE001  (a bad video must never stop the shard)
