@@ -9,7 +9,7 @@ reopens or updates the store; a store that changed between planning and locking 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from muse_pipeline.cache.schema import RETIRED, RowFacts, is_cache_dir
 from muse_pipeline.cache.store import FeatureCache
 from muse_pipeline.data.base import DatasetIndex
 from muse_pipeline.extract.config import ExtractConfig, check_output, needed_bytes
+from muse_pipeline.extract.encoders import ENCODER_CACHE
 from muse_pipeline.extract.library import LibraryUpdate, plan_update, text_rows
 from muse_pipeline.extract.rows import planned_rows, probe_files
 
@@ -72,10 +73,36 @@ def plan_store(cfg: ExtractConfig, index: DatasetIndex, encoder) -> StorePlan:
     return StorePlan(fingerprint, state, update=update)
 
 
-def apply_store_plan(cfg: ExtractConfig, index: DatasetIndex, encoder, plan: StorePlan,
-                     open_store: Callable) -> tuple[FeatureCache, Path, str | None]:
-    """Carry out `plan` (under the store's lock). `open_store(cfg, rows, encoder, facts)` creates or
-    reopens a store. Returns (store open for writing, staging folder, the library's changes in
+def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None, facts: RowFacts | None = None
+               ) -> tuple[FeatureCache, Path]:
+    """Create the store with the rows of `index` (and their `facts`), or reopen it when its
+    fingerprint matches (FingerprintMismatch otherwise); `--overwrite` clears the staging folder
+    too. `encoder`: the run's CLIP (None: the process-wide cached one, on the CPU). Returns
+    (FeatureCache open for writing, staging folder)."""
+    # The client needs the model's geometry and weights identity, and the tokenizer for the texts.
+    # The same cached instance serves the in-process run (--workers 0) on the CPU: CLIP loads once.
+    if encoder is None:
+        encoder = ENCODER_CACHE.get(cfg.model, cfg.pretrained, "cpu")
+    path = cfg.store_path()
+    staging = Path(str(path) + ".staging")
+    if cfg.overwrite and staging.exists():
+        shutil.rmtree(staging)
+    # Token ids are written when the store is created; a resumed store already has them.
+    fresh = cfg.overwrite or not path.exists()
+    text_tokens = encoder.tokenize([c.text for c in index.captions], cfg.max_words) if fresh else None
+    cache = FeatureCache.open_or_create(
+        path, index, frames=cfg.max_frames, num_tokens=encoder.num_tokens, dim=encoder.dim,
+        words=cfg.max_words, fingerprint=build_fingerprint(cfg, index, encoder.describe()),
+        videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite, text_tokens=text_tokens, facts=facts,
+        growing=cfg.dataset == "folder",
+    )
+    return cache, staging
+
+
+def apply_store_plan(cfg: ExtractConfig, index: DatasetIndex, encoder, plan: StorePlan
+                     ) -> tuple[FeatureCache, Path, str | None]:
+    """Carry out `plan` (under the store's lock): create or reopen the store (`open_store`), or
+    append and retire a growing library's rows. Returns (store open for writing, staging folder, the library's changes in
     words, or None for datasets that do not grow)."""
     path = cfg.store_path()
     if store_state(path) != plan.state:  # another run changed the store since: plan again
