@@ -66,7 +66,8 @@ def bench_model(model: str, videos, root: Path, frames: int, work: Path) -> list
     from muse_pipeline.encoders.clip import ClipEncoder, register_tiny_config
     from muse_pipeline.extract.config import ExtractConfig
     from muse_pipeline.extract.encoders import ENCODER_CACHE
-    from muse_pipeline.stages.extract import open_store, run_extract
+    from muse_pipeline.extract.store_plan import open_store
+    from muse_pipeline.stages.extract import run_extract
     from muse_pipeline.video.decode import decode_clip
     from muse_pipeline.video.transforms import preprocess_frames
 

@@ -20,7 +20,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from muse_pipeline.cache.fingerprint import build_fingerprint
 from muse_pipeline.cache.schema import RETIRED
 from muse_pipeline.data import DatasetIndex, load_dataset
 from muse_pipeline.errors import InputError
@@ -42,32 +41,6 @@ from muse_pipeline.extract.store_plan import StorePlan, apply_store_plan, plan_s
 from muse_pipeline.extract.worker import process_shard, process_texts
 
 log = logging.getLogger(__name__)
-
-
-def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None, facts=None):
-    """Create the store with the rows of `index` (and their `facts`), or reopen it when its
-    fingerprint matches (FingerprintMismatch otherwise). Returns (FeatureCache, staging folder)."""
-    from muse_pipeline.cache.store import FeatureCache
-
-    # The client needs the model's geometry and weights identity, and the tokenizer for the texts.
-    # The same cached instance serves the in-process run (--workers 0) on the CPU: CLIP loads once.
-    if encoder is None:
-        encoder = ENCODER_CACHE.get(cfg.model, cfg.pretrained, "cpu")
-    info = encoder.describe()
-    path = cfg.store_path()
-    staging = Path(str(path) + ".staging")
-    if cfg.overwrite and staging.exists():
-        shutil.rmtree(staging)
-    # Token ids are written when the store is created; a resumed store already has them.
-    fresh = cfg.overwrite or not path.exists()
-    text_tokens = encoder.tokenize([c.text for c in index.captions], cfg.max_words) if fresh else None
-    cache = FeatureCache.open_or_create(
-        path, index, frames=cfg.max_frames, num_tokens=encoder.num_tokens, dim=encoder.dim,
-        words=cfg.max_words, fingerprint=build_fingerprint(cfg, index, info),
-        videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite, text_tokens=text_tokens, facts=facts,
-        growing=cfg.dataset == "folder",
-    )
-    return cache, staging
 
 
 def _stored_batching(cfg: ExtractConfig) -> ExtractConfig:
@@ -123,7 +96,7 @@ def run_extract(cfg: ExtractConfig | None = None, **kwargs) -> ExtractSummary:
 
 def _run_locked(cfg: ExtractConfig, index: DatasetIndex, encoder, store_plan: StorePlan, run: str,
                 t0: float) -> ExtractSummary:
-    cache, staging, library = apply_store_plan(cfg, index, encoder, store_plan, open_store)
+    cache, staging, library = apply_store_plan(cfg, index, encoder, store_plan)
     if library:
         log.info("library %s: %s (files)", cfg.data_root, library)
     merge_staged_ledgers(cache, staging)

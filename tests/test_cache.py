@@ -19,6 +19,7 @@ from muse_pipeline.cache import (
     default_videos_per_shard,
     export_hdf5,
 )
+from muse_pipeline.cache.schema import RowFacts
 from muse_pipeline.data.base import CaptionItem, DatasetIndex, VideoItem
 
 T, L, D, W, S = 3, 5, 4, 6, 3  # frames, tokens per frame, dim, words, videos per shard
@@ -291,7 +292,9 @@ def test_bad_writes_are_refused(tmp_path: Path) -> None:
 
 def test_hdf5_export_equals_the_zarr_arrays(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
-    cache = _create(path, text_tokens=_text_tokens())
+    n = len(SPLITS)
+    facts = RowFacts(np.arange(n) + 0.5, np.arange(n, dtype=np.int64) * 1000, np.arange(n, dtype=np.int64) + 7)
+    cache = _create(path, text_tokens=_text_tokens(), facts=facts)
     store_videos(cache, {i: None if i == 5 else _tokens(i, 1 + i % T) for i in range(6)})  # video 6 stays pending
     cache.write_texts(0, embeddings=np.random.default_rng(1).standard_normal((9, D)).astype(np.float16))
     cache.add_failures([{"id": "vid5", "reason": "missing file"}])
@@ -302,7 +305,8 @@ def test_hdf5_export_equals_the_zarr_arrays(tmp_path: Path) -> None:
         assert f.attrs["format"] == "muse-cache" and f.attrs["format_version"] == 1
         assert json.loads(f.attrs["fingerprint"]) == FP
         assert json.loads(f.attrs["failures"]) == [{"id": "vid5", "reason": "missing file"}]
-        assert set(f["videos"]) == {"tokens", "mask", "done", "ids", "split", "paths"}
+        assert set(f["videos"]) == {"tokens", "mask", "done", "ids", "split", "paths", "start", "end", "source",
+                                    "duration", "grid_step", "file_size", "file_mtime_ns"}
         assert set(f["texts"]) == {"tokens", "embeddings", "video_index", "split", "captions", "done"}
         for group in ("videos", "texts"):
             for name in f[group]:
@@ -313,6 +317,7 @@ def test_hdf5_export_equals_the_zarr_arrays(tmp_path: Path) -> None:
                     assert ours.dtype == theirs.dtype, name
                     np.testing.assert_array_equal(ours[:], theirs[:], err_msg=name)
         assert f["videos/tokens"].chunks == (1, T, L, D) and f["videos/tokens"].compression == "gzip"
+        assert f["videos/duration"][:].tolist() == [i + 0.5 for i in range(n)]  # the facts given, exported
 
 
 def test_cache_info(tmp_path: Path) -> None:

@@ -73,6 +73,49 @@ def test_a_decode_process_gives_the_same_pixels_as_a_thread(video):
     assert np.array_equal(decoded.pixels, _expected_pixels(video, 3))
 
 
+def _kill_decoder(*args):
+    os._exit(1)  # what a decoder that segfaults on a file does to its decode process
+
+
+def test_a_decode_process_that_dies_twice_gives_the_callers_failure_and_a_fresh_pool(video):
+    args = (str(video), 3, None, None, "pyav", SIZE, MEAN, STD)
+    try:
+        future = decode_pool(1).submit(_kill_decoder, *args)
+        result = decode_retrying(future, 1, args, _kill_decoder, lambda reason: ("failed", reason))
+        assert result == ("failed", "the decoder process died on this video")
+        decoded = decode_retrying(decode_pool(1).submit(decode_and_preprocess, *args), 1, args)
+    finally:
+        shutdown_decode_pools()
+    assert decoded.ok and np.array_equal(decoded.pixels, _expected_pixels(video, 3))
+
+
+class _DeadPool:
+    """An executor whose decode processes always die (what a file that crashes the decoder does)."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        future = Future()
+        future.set_exception(BrokenProcessPool("a decode process died"))
+        return future
+
+
+def test_a_long_files_rows_fail_when_its_decode_process_dies_and_the_shard_goes_on(monkeypatch):
+    import muse_pipeline.extract.decode_pool as decode_pool_module
+    import muse_pipeline.extract.grid as grid_module
+    from muse_pipeline.extract.grid import GridUnit, process_unit
+
+    monkeypatch.setattr(decode_pool_module, "decode_pool", lambda n: _DeadPool())
+    monkeypatch.setattr(grid_module, "decode_pool", lambda n: _DeadPool())
+    unit = GridUnit("long.mp4", 2, (3, 4), (np.arange(0, 4), np.arange(2, 6)))
+    failed = []
+    result = process_unit(unit, {3, 4}, None, ("pyav", SIZE, MEAN, STD), 8, 1,
+                          lambda *a: pytest.fail("nothing was decoded"), lambda o, r: failed.append((o, r)))
+    assert result == (0, [])
+    assert failed == [(3, "the decoder process died on this video"), (4, "the decoder process died on this video")]
+
+
 def _job(staging: Path, run: str) -> ShardJob:
     return ShardJob(store="unused.zarr", staging=str(staging), shard=4, lo=12, hi=15,
                     paths=("a.mp4", "b.mp4", "c.mp4"), windows=((None, None),) * 3, ids=("a", "b", "c"),

@@ -34,6 +34,12 @@ def test_default_windows_keep_short_clips_whole_and_cut_long_videos_into_moments
     assert window_starts(float("nan"), spec) == [0]  # unknown length: one whole-file row
 
 
+def test_no_window_starts_at_or_after_the_end_with_a_stride_longer_than_the_window():
+    spec = window_spec(10, 20, 10)  # 1 s grid, windows 20 s apart
+    assert window_starts(11.0, spec) == [0]  # a start at 20 s would hold no frame of an 11 s file
+    assert window_starts(25.0, spec) == [0, 20]
+
+
 @pytest.mark.parametrize("window, stride, frames", [(30, None, 12), (24, 5, 12), (-1, None, 12)])
 def test_a_window_the_grid_cannot_hold_is_refused_with_what_to_use(window, stride, frames):
     with pytest.raises(InputError, match="--window|--stride"):

@@ -489,6 +489,17 @@ def test_no_cut_short_warning_for_matroska_audio_or_start_offset(tmp_path, make_
         assert clip.warnings == [], clip.warnings
 
 
+@pytest.mark.parametrize(("start", "audio_seconds"), [(0.0, 10.0), (36000.0, 0.0)], ids=["long-audio", "10h-offset"])
+def test_probed_length_is_the_video_streams_not_the_containers(tmp_path, start, audio_seconds):
+    # The probe decides a folder file's auto windows: the container's 10 s (audio) or 36003 s (an
+    # end time) would give windows after the video's last frame, each a failed row.
+    from muse_pipeline.video.probe import probe_duration
+
+    written = [start + k / 10 for k in range(30)]  # 3 s of video
+    path = _mkv_with_audio(tmp_path / "v.mkv", written, audio_seconds)
+    assert abs(probe_duration(path) - 3.0) <= 0.15
+
+
 def test_matroska_video_really_cut_short_still_warns(tmp_path, timed_video, make_video):
     full = timed_video(tmp_path / "full.mkv", [k / 10 for k in range(100)], gop=10)  # 10 s
     cut = tmp_path / "cut.mkv"

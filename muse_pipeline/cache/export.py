@@ -67,7 +67,8 @@ def cache_info(path: Path | str) -> dict[str, Any]:
 
 
 def export_hdf5(cache_path: Path | str, out_path: Path | str, compression_level: int = 4) -> Path:
-    """Write the cache's arrays to an HDF5 file with the same names (groups `videos`, `texts`).
+    """Write the cache's arrays to an HDF5 file with the same names (groups `videos`, `texts`; the
+    per-row arrays a store made before they existed lacks are left out as well).
 
     Root attributes `format`, `format_version`, and `fingerprint` / `failures` as JSON strings (HDF5
     attributes hold no nested dicts). Datasets are chunked like the Zarr inner chunks and gzip
@@ -103,12 +104,19 @@ def export_hdf5(cache_path: Path | str, out_path: Path | str, compression_level:
                 tokens[lo:hi] = block
                 mask[lo:hi] = block_mask
             videos.create_dataset("done", data=cache.read_done())
-            for name, values in (
-                ("ids", cache.video_ids),
-                ("split", cache.video_splits),
-                ("paths", cache.video_paths),
-            ):
+            strings = {"ids": cache.video_ids, "split": cache.video_splits, "paths": cache.video_paths}
+            rows = np.arange(n)
+            numbers: dict[str, np.ndarray] = {}
+            if cache.has_windows:  # the moments' windows, where the store records them
+                numbers.update(zip(("start", "end"), cache.read_windows(rows).T, strict=True))
+            if cache.has_row_facts:  # the row facts of a store that can grow
+                strings["source"] = cache.read_sources(rows)
+                numbers.update(duration=cache.read_durations(rows), grid_step=cache.read_grid_steps(rows))
+                numbers.update(zip(("file_size", "file_mtime_ns"), cache.read_file_states(rows).T, strict=True))
+            for name, values in strings.items():
                 videos.create_dataset(name, data=np.array(values, dtype=object), dtype=string)
+            for name, values in numbers.items():
+                videos.create_dataset(name, data=np.ascontiguousarray(values))
 
             t_tokens = texts.create_dataset("tokens", dtype="int32", **gz((m, w), (min(m, 4096), w)))
             t_emb = texts.create_dataset("embeddings", dtype="float16", **gz((m, d), (min(m, 4096), d)))

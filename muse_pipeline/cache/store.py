@@ -250,14 +250,9 @@ class FeatureCache:
     def read_windows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """float64 [len(rows), 2]: (start, end) seconds of each video's clip; NaN where the clip is the whole
         video, and (NaN, NaN) for every row of a store made before /videos/start and /videos/end existed."""
-        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.n_videos):
-            raise IndexError(f"video indices out of range [0, {self.n_videos})")
-        if not self.has_windows:
-            return np.full((idx.size, 2), np.nan)
-        start = np.asarray(self._videos["start"][:], dtype=np.float64)
-        end = np.asarray(self._videos["end"][:], dtype=np.float64)
-        return np.stack([start[idx], end[idx]], axis=1)
+        start = self._row_array("start", rows, np.nan).astype(np.float64)
+        end = self._row_array("end", rows, np.nan).astype(np.float64)
+        return np.stack([start, end], axis=1)
 
     @property
     def has_row_facts(self) -> bool:
@@ -265,6 +260,7 @@ class FeatureCache:
         return "source" in self._videos and "file_size" in self._videos
 
     def _row_array(self, name: str, rows: Sequence[int] | np.ndarray, fill: Any) -> np.ndarray:
+        # the whole per-row array, read once per open (reopened rows: `_reload_rows` forgets it)
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_videos):
             raise IndexError(f"video indices out of range [0, {self.n_videos})")

@@ -6,7 +6,8 @@ The extract stage (`muse_pipeline.stages.extract`) wires these modules; each has
 - `windows`: auto windows (moments) of long folder files on one time grid per file;
 - `rows`: a dataset's store rows (windows expanded) and their file facts (duration, size, mtime);
 - `library`: a folder library that grows (new / changed / removed / unchanged files);
-- `store_plan`: what a run does to its store (create, resume, update), planned read-only first;
+- `store_plan`: what a run does to its store (create, resume, update), planned read-only first,
+  then applied under the lock (`open_store` creates or reopens it);
 - `jobs`: `ShardJob` / `TextJob`, the plain data a worker gets, and their planning from a store;
 - `grid`: a file's auto-window rows in a shard, each grid time decoded and encoded once;
 - `encoders`: the per-process CLIP encoder cache;

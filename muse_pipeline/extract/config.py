@@ -309,9 +309,9 @@ def check_output(store: Path, needed_bytes: int = 0) -> None:
 
 def needed_bytes(cfg: ExtractConfig, index: DatasetIndex, num_tokens: int, dim: int, store: Path,
                  extra_rows: int = 0) -> int:
-    """Upper bound of what this run still writes: float16 tokens of the pending videos (compression
-    saves under 10% on tokens), the text embeddings, plus one staged shard. `extra_rows`: rows this
-    run appends to an existing store (a growing library)."""
+    """Bytes this run still writes: float16 tokens of the pending rows of `index` (compression saves
+    under 10% on tokens) and the text embeddings; the staged copy of the shard being written is not
+    counted. `extra_rows`: rows this run appends to an existing store (a growing library)."""
     per_video = cfg.max_frames * num_tokens * dim * 2
     pending = len(index.videos)
     if store.exists():

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -111,16 +113,19 @@ def shutdown_decode_pools() -> None:
         reset_decode_pool(n)
 
 
-def decode_retrying(future: Future, decode_workers: int, args: tuple) -> DecodedVideo:
-    """The result of `future` (a `decode_and_preprocess(*args)` on `decode_pool(decode_workers)`).
-    A decode process that died is retried alone in a fresh pool; if it dies again, this video is the
-    one that kills the decoder and fails."""
+def decode_retrying(future: Future, decode_workers: int, args: tuple, decode: Callable = decode_and_preprocess,
+                    died: Callable[[str], Any] | None = None) -> Any:
+    """The result of `future` (a `decode(*args)` on `decode_pool(decode_workers)`; `decode` never
+    raises for a bad video: `decode_and_preprocess`, or the grid's decode). A decode process that died
+    is retried alone in a fresh pool; if it dies again, this video is the one that kills the decoder:
+    `died(reason)` is the result (default: a failed `DecodedVideo`)."""
     try:
         return future.result()
     except BrokenProcessPool:
         reset_decode_pool(decode_workers)
         try:
-            return decode_pool(decode_workers).submit(decode_and_preprocess, *args).result()
+            return decode_pool(decode_workers).submit(decode, *args).result()
         except BrokenProcessPool:
             reset_decode_pool(decode_workers)
-            return DecodedVideo(None, failure="the decoder process died on this video")
+            reason = "the decoder process died on this video"
+            return died(reason) if died is not None else DecodedVideo(None, failure=reason)

@@ -17,12 +17,12 @@ else is decoded twice.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
-from muse_pipeline.extract.decode_pool import failure_reason
+from muse_pipeline.extract.decode_pool import decode_pool, decode_retrying, failure_reason
 from muse_pipeline.extract.windows import grid_indices
 
 # Grid times per decode call: bounds the decoded frames held at once (a 1080p frame is ~6 MB).
@@ -104,7 +104,7 @@ def decode_grid_and_preprocess(path: str, step: int, first: int, count: int, dec
         grid = decode_grid(path, step, first, count, backend=decoder)
         if grid.count == 0:
             return DecodedGrid(first, count, np.zeros((0, 3, image_size, image_size), np.float32),
-                               tuple(grid.warnings))
+                               tuple(str(w) for w in grid.warnings))
         pixels = preprocess_frames(grid.frames, image_size, mean, std).numpy()
         return DecodedGrid(first, count, pixels, tuple(str(w) for w in grid.warnings))
     except Exception as exc:  # noqa: BLE001  (a bad video must never stop the shard)
@@ -123,22 +123,25 @@ def encode_pixels(encoder, pixels: np.ndarray, batch: int) -> np.ndarray:
 
 
 def process_unit(unit: GridUnit, pending: set[int], encoder, decode_args: tuple, batch: int,
-                 pool: Executor | None, stage_tokens: Callable, stage_failure: Callable) -> tuple[int, list[int]]:
+                 decode_workers: int | None, stage_tokens: Callable, stage_failure: Callable) -> tuple[int, list[int]]:
     """Decode, encode and scatter one unit; stage its `pending` offsets through
     `stage_tokens(offset, tokens [n, L, D], warnings)` / `stage_failure(offset, reason)`.
-    `decode_args`: (decoder, image_size, mean, std). `pool`: decode ahead there (None: inline).
+    `decode_args`: (decoder, image_size, mean, std). `decode_workers`: decode ahead on
+    `decode_pool(decode_workers)`, surviving a decode process that dies (None: inline).
     Returns (frames encoded, encoder batch sizes)."""
     calls = decode_chunks(unit.needed())
     args = [(unit.path, unit.step, first, count, *decode_args) for first, count in calls]
     futures: list[Future | None] = [None] * len(calls)
 
     def result(i: int) -> DecodedGrid:
-        if pool is None:
+        if decode_workers is None:
             return decode_grid_and_preprocess(*args[i])
         for j in range(i, min(i + 2, len(calls))):  # one chunk decodes ahead of the encoder
             if futures[j] is None:
-                futures[j] = pool.submit(decode_grid_and_preprocess, *args[j])
-        return futures[i].result()
+                futures[j] = decode_pool(decode_workers).submit(decode_grid_and_preprocess, *args[j])
+        first, count = calls[i]
+        return decode_retrying(futures[i], decode_workers, args[i], decode_grid_and_preprocess,
+                               lambda reason: DecodedGrid(first, count, None, failure=reason))
 
     tokens_at: dict[int, np.ndarray] = {}
     warnings: list[str] = []

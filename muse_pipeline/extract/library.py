@@ -106,8 +106,9 @@ def plan_update(cache: FeatureCache, index: DatasetIndex, spec: WindowSpec) -> L
 
 
 def text_rows(cache: FeatureCache, index: DatasetIndex) -> np.ndarray:
-    """int32 [M]: the active store row of each caption's clip (by id). KeyError for a caption whose
-    clip has no active row (the caller refuses such an update)."""
+    """int32 [M]: the active store row of each caption's clip (by id). Every caption has one after
+    an update (the folder loader refuses a caption naming a file it did not find, and captioned
+    clips are never cut into windows): a KeyError here is a bug, not a user's mistake."""
     done = cache.read_done()
     active = {cache.video_ids[r]: r for r in np.flatnonzero(done != RETIRED)}
     return np.array([active[index.videos[c.video_index].id] for c in index.captions], dtype=np.int32)

@@ -1,8 +1,8 @@
 """The rows a store gets for a dataset: auto windows of long folder files, and each row's file facts.
 
-`planned_rows(index, spec, probe)` probes the length of each whole-file video that could be cut
-(`probe`: True for the folder dataset, whose files have no given windows; annotated datasets keep
-their clips and record no length) before the store exists, expands long files into window rows
+`planned_rows(index, spec, durations)` takes each file's probed length (`probe_files`, run before
+the store exists and only where auto windows are on: the folder dataset; annotated datasets keep
+their clips and pass None, recording no length), expands long files into window rows
 (`windows.expand_windows`) and returns the rows with their `RowFacts` (duration, file size and
 mtime_ns: what a growing library compares to find changed files).
 """

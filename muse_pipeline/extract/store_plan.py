@@ -9,10 +9,12 @@ reopens or updates the store; a store that changed between planning and locking 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from muse_pipeline.cache.compat import check_growing_fingerprint
 from muse_pipeline.cache.fingerprint import build_fingerprint
@@ -20,6 +22,7 @@ from muse_pipeline.cache.schema import RETIRED, RowFacts, is_cache_dir
 from muse_pipeline.cache.store import FeatureCache
 from muse_pipeline.data.base import DatasetIndex
 from muse_pipeline.extract.config import ExtractConfig, check_output, needed_bytes
+from muse_pipeline.extract.encoders import ENCODER_CACHE
 from muse_pipeline.extract.library import LibraryUpdate, plan_update, text_rows
 from muse_pipeline.extract.rows import planned_rows, probe_files
 
@@ -70,14 +73,36 @@ def plan_store(cfg: ExtractConfig, index: DatasetIndex, encoder) -> StorePlan:
     return StorePlan(fingerprint, state, update=update)
 
 
-def _words(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {word}" for word, n in counts.items())
+def open_store(cfg: ExtractConfig, index: DatasetIndex, encoder=None, facts: RowFacts | None = None
+               ) -> tuple[FeatureCache, Path]:
+    """Create the store with the rows of `index` (and their `facts`), or reopen it when its
+    fingerprint matches (FingerprintMismatch otherwise); `--overwrite` clears the staging folder
+    too. `encoder`: the run's CLIP (None: the process-wide cached one, on the CPU). Returns
+    (FeatureCache open for writing, staging folder)."""
+    # The client needs the model's geometry and weights identity, and the tokenizer for the texts.
+    # The same cached instance serves the in-process run (--workers 0) on the CPU: CLIP loads once.
+    if encoder is None:
+        encoder = ENCODER_CACHE.get(cfg.model, cfg.pretrained, "cpu")
+    path = cfg.store_path()
+    staging = Path(str(path) + ".staging")
+    if cfg.overwrite and staging.exists():
+        shutil.rmtree(staging)
+    # Token ids are written when the store is created; a resumed store already has them.
+    fresh = cfg.overwrite or not path.exists()
+    text_tokens = encoder.tokenize([c.text for c in index.captions], cfg.max_words) if fresh else None
+    cache = FeatureCache.open_or_create(
+        path, index, frames=cfg.max_frames, num_tokens=encoder.num_tokens, dim=encoder.dim,
+        words=cfg.max_words, fingerprint=build_fingerprint(cfg, index, encoder.describe()),
+        videos_per_shard=cfg.videos_per_shard, overwrite=cfg.overwrite, text_tokens=text_tokens, facts=facts,
+        growing=cfg.dataset == "folder",
+    )
+    return cache, staging
 
 
-def apply_store_plan(cfg: ExtractConfig, index: DatasetIndex, encoder, plan: StorePlan,
-                     open_store: Callable) -> tuple[FeatureCache, Path, str | None]:
-    """Carry out `plan` (under the store's lock). `open_store(cfg, rows, encoder, facts)` creates or
-    reopens a store. Returns (store open for writing, staging folder, the library's changes in
+def apply_store_plan(cfg: ExtractConfig, index: DatasetIndex, encoder, plan: StorePlan
+                     ) -> tuple[FeatureCache, Path, str | None]:
+    """Carry out `plan` (under the store's lock): create or reopen the store (`open_store`), or
+    append and retire a growing library's rows. Returns (store open for writing, staging folder, the library's changes in
     words, or None for datasets that do not grow)."""
     path = cfg.store_path()
     if store_state(path) != plan.state:  # another run changed the store since: plan again
@@ -87,9 +112,10 @@ def apply_store_plan(cfg: ExtractConfig, index: DatasetIndex, encoder, plan: Sto
         cache, staging = open_store(cfg, plan.rows, encoder, plan.facts)
         if not (fresh and cfg.dataset == "folder"):
             return cache, staging, None
-        counts = {"new": len({v.source_id for v in plan.rows.videos}), "changed": 0, "removed": 0, "unchanged": 0}
-        cache.record_generation({"generation": 1, "rows": [0, cache.n_videos], **counts})
-        return cache, staging, _words(counts)
+        first = LibraryUpdate(plan.rows, plan.facts, np.zeros(0, np.int64),
+                              new=sorted({v.source_id for v in plan.rows.videos}))
+        cache.record_generation({"generation": 1, "rows": [0, cache.n_videos], **first.counts()})
+        return cache, staging, first.describe()
     update = plan.update
     cache = FeatureCache.open(path, mode="r+")
     if update.changes_anything:

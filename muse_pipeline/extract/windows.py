@@ -93,11 +93,12 @@ def window_spec(window: int | None, stride: int | None, frames: int) -> WindowSp
 
 def window_starts(duration: float, spec: WindowSpec) -> list[int]:
     """Start seconds of the windows of a file lasting `duration` s: [0] when it is not longer than one
-    window (or its length is unknown), else 0, stride, ... until a window reaches the end."""
+    window (or its length is unknown), else 0, stride, ... until a window reaches the end; never a
+    start at or after the end (a stride longer than the window could reach past it)."""
     if not spec.enabled or not math.isfinite(duration) or duration <= spec.window:
         return [0]
     count = math.ceil((duration - spec.window) / spec.stride) + 1
-    return [i * spec.stride for i in range(count)]
+    return [i * spec.stride for i in range(count) if i * spec.stride < duration]
 
 
 def is_windowed(duration: float, spec: WindowSpec) -> bool:

@@ -206,7 +206,7 @@ def process_shard(job: ShardJob, on_video: Callable[[], None] | None = None) -> 
         for unit in pending_units:
             check_owner(job.store, job.run)
             frames, sizes = _process_grid_unit(job, shard, encoder, unit, done_before, preprocessing,
-                                               None if one_at_a_time else decode_pool(job.decode_workers),
+                                               None if one_at_a_time else job.decode_workers,
                                                on_video)
             frames_encoded += frames
             batch_sizes.extend(sizes)
@@ -225,9 +225,10 @@ def _unit_pending(unit: GridUnit, done_before: np.ndarray, shard: ShardStaging) 
 
 
 def _process_grid_unit(job: ShardJob, shard: ShardStaging, encoder, unit: GridUnit, done_before: np.ndarray,
-                       preprocessing: tuple, pool, on_video: Callable[[], None] | None) -> tuple[int, list[int]]:
+                       preprocessing: tuple, decode_workers: int | None,
+                       on_video: Callable[[], None] | None) -> tuple[int, list[int]]:
     """One file's auto-window rows (all redone when any is missing: the same chunks and batches as an
-    uninterrupted run); stages the pending, unstaged ones."""
+    uninterrupted run); stages the pending, unstaged ones. `decode_workers`: as `process_unit`."""
     pending = {o for o in unit.offsets if done_before[o] == 0 and not shard.staged(o)}
     shard.set_inflight(sorted(pending))
     run_test_hooks(job, sorted(pending))
@@ -248,7 +249,7 @@ def _process_grid_unit(job: ShardJob, shard: ShardStaging, encoder, unit: GridUn
             on_video()
 
     batch = max(1, job.videos_per_batch * job.frames)
-    result = process_unit(unit, pending, encoder, (job.decoder, *preprocessing), batch, pool,
+    result = process_unit(unit, pending, encoder, (job.decoder, *preprocessing), batch, decode_workers,
                           stage_tokens, stage_failure)
     shard.clear_inflight()
     return result

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from muse_pipeline.video.streams import choose_video_stream
+from muse_pipeline.video.streams import choose_video_stream, declared_seconds
 
 
 def probe_duration(path: Path | str) -> float:
-    """Seconds the chosen video stream lasts per the container header; NaN when unknown (no such
-    file, not a video, no duration in the header). A still image probes as NaN (it has no length)."""
+    """Seconds the chosen video stream lasts per the container header (`streams.declared_seconds`,
+    the same length the decoder checks against); NaN when unknown (no such file, not a video, no
+    duration of the video stream itself in the header). A still image probes as NaN (no length)."""
     try:
         import av
 
@@ -25,11 +26,9 @@ def probe_duration(path: Path | str) -> float:
             stream = choose_video_stream(container)
             if stream is None:
                 return math.nan
-            if stream.duration is not None and stream.time_base is not None:
-                seconds = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                seconds = container.duration / 1_000_000  # av.time_base: microseconds
-            else:
+            # the stream's own length: the container's may cover audio that runs on or be an end time
+            seconds = declared_seconds(container, stream)
+            if seconds is None:
                 return math.nan
     except Exception:  # noqa: BLE001  (a file we cannot probe: its length is unknown, never an error here)
         return math.nan
