@@ -23,8 +23,6 @@ from muse_pipeline.errors import InputError
 from muse_pipeline.search.cache_columns import (
     absolute_paths,
     clip_windows,
-    file_durations,
-    file_sources,
     first_captions,
 )
 from muse_pipeline.search.embedder import load_indexable_run, run_embedder, tuning_queries, zero_shot_embedder
@@ -170,7 +168,7 @@ def build_index(
             folder, emb, ids=[str(all_ids[i]) for i in index_rows],
             paths=absolute_paths([str(all_paths[i]) for i in index_rows], cache_path),
             captions=first_captions(cache, index_rows), windows=clip_windows(cache, index_rows),
-            sources=file_sources(cache, index_rows), durations=file_durations(cache, index_rows),
+            sources=cache.read_sources(index_rows), durations=cache.read_durations(index_rows),
             cache_rows=index_rows, clip=clip, words=int(fp["words"]), adapter=embedder.adapter, plan=plan,
             tuning_queries=tuning, ann=ann,
             extra={**embedder.extra, "cache_name": cache_path.name, "dataset": fp.get("dataset"),
