@@ -47,7 +47,7 @@ class IndexBuild:
     """What `build_index` did: the index root, the generation now current, and the counts.
 
     published: False when the index was already up to date (nothing written). faiss: "none" (exact
-    search), "updated" or "rebuilt". notes: sentences for the user (a frame count that differs, why a
+    search), "updated" or "rebuilt"; "unchanged" for an approximate index left as it was. notes: sentences for the user (a frame count that differs, why a
     full build was needed)."""
 
     path: Path
