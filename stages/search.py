@@ -176,7 +176,7 @@ def build_index(
         )
 
     if overwrite and out.exists() and not is_index_root(out):
-        shutil.rmtree(out)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()  # --out may name a file
     generation = publish(out, write)
     # The CLIP text tower for queries, once per index root (a query then needs no open_clip).
     ensure_text_encoder(out, clip, pretrained=pretrained, device=device)

@@ -80,3 +80,15 @@ def test_current_pointer_to_nothing_is_one_line(caption_index) -> None:
     fixed = CliRunner().invoke(app, ["index", "--cache", str(cache.path), "--out", str(out), "--overwrite"])
     assert fixed.exit_code == 0, fixed.output
     assert CliRunner().invoke(app, ["search", "a red circle", "--index", str(out)]).exit_code == 0
+
+
+def test_index_over_a_file_is_refused_then_replaced(caption_index, tmp_path: Path) -> None:
+    _, cache = caption_index
+    target = tmp_path / "notes.txt"
+    target.write_text("not an index")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["index", "--cache", str(cache.path), "--out", str(target)])
+    assert "is not a muse index" in _one_error_line(refused.output) and target.read_text() == "not an index"
+    replaced = runner.invoke(app, ["index", "--cache", str(cache.path), "--out", str(target), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert runner.invoke(app, ["search", "a red circle", "--index", str(target)]).exit_code == 0
