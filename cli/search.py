@@ -74,7 +74,10 @@ def _read_queries(path: Path) -> list[str]:
     else:
         if not path.is_file():
             raise InputError(f"queries file {path} does not exist")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise InputError(f"queries file {path} is not UTF-8 text; give one query per line") from None
     queries = [line.strip() for line in lines if line.strip()]
     if not queries:
         raise InputError(f"queries file {path} has no non-empty line")
