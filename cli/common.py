@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from muse_pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from muse_pipeline.extract.config import ExtractSummary
 
 try:  # typer >= 0.20 vendors its own click; older typer uses the click package
     from typer._click import exceptions as click_exceptions
@@ -125,24 +128,25 @@ def print_warnings(warnings: list[dict], limit: int = 20) -> None:
     _print_ledger(warnings, "videos cached with decoder warnings", "warning", "muse cache info STORE --json", limit)
 
 
-def print_extract_summary(summary) -> None:
+def print_extract_summary(summary: ExtractSummary) -> None:
+    """The run summary of `muse extract` (a table, then failures and warnings, if any)."""
     table = Table(title="extraction summary", title_justify="left", show_header=False)
     table.add_row("store", str(summary.store))
-    if getattr(summary, "library", None):
+    if summary.library:
         table.add_row("library", f"{summary.library} (files)")
     table.add_row("videos", f"{summary.n_cached} cached, {summary.n_failed} failed, of {summary.n_videos}")
     table.add_row("texts", str(summary.n_texts))
-    if getattr(summary, "path_taken", ""):
+    if summary.path_taken:
         table.add_row("ran", summary.path_taken.removeprefix("running "))
     rate = summary.frames_encoded / summary.seconds if summary.seconds > 0 else 0.0
     table.add_row("this run", f"{summary.frames_encoded} frames in {summary.seconds:.1f} s ({rate:.1f} frames/s)")
-    if getattr(summary, "batch_sizes", None):
+    if summary.batch_sizes:
         sizes = summary.batch_sizes
         table.add_row("encoder batches", f"{len(sizes)}, {min(sizes)}-{max(sizes)} frames (mean {sum(sizes) / len(sizes):.0f})")
-    if getattr(summary, "retried", 0):
+    if summary.retried:
         table.add_row("retried", f"{summary.retried} earlier failed video(s)")
     console.print(table)
     if summary.failures:
         print_failures(summary.failures)
-    if getattr(summary, "warnings", None):
+    if summary.warnings:
         print_warnings(summary.warnings)

@@ -45,21 +45,22 @@ def index_cmd(
 
     The folder holds the video embeddings, ids, source paths, moments (clip windows), captions, and the text side (CLIP model and weights, the run's text adapter): it keeps working when moved or copied. Run again on the same folder after `muse extract` picked up new, changed or removed files: it publishes a new generation, embedding only the new videos (a running `muse serve` switches to it).
     """
-    from muse_pipeline.search.generations import open_index
+    from muse_pipeline.search.generations import generation_folder
+    from muse_pipeline.search.index_format import read_meta
     from muse_pipeline.stages.search import build_index
 
     built = build_index(run_dir, cache, out, pretrained=pretrained, which=which, batch_size=batch_size,
                         device=device, exact=exact, overwrite=overwrite)
     for note in built.notes:
         err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True, highlight=False)
-    index = open_index(built.path)
-    search = index.meta["search"]
-    params = ", ".join(f"{k} {v}" for k, v in search["params"].items())
-    kind = search["kind"] + (f"; {params}" if params else "")
     if not built.published:
         console.print(f"index {built.path} is up to date ({built.generation}, {built.n_videos} videos): "
                       "nothing new, changed or removed in the cache", soft_wrap=True)
         return
+    # index.json alone: opening the generation would read every embedding just written back in.
+    search = read_meta(generation_folder(built.path, built.generation))["search"]
+    params = ", ".join(f"{k} {v}" for k, v in search["params"].items())
+    kind = search["kind"] + (f"; {params}" if params else "")
     faiss = {"none": "exact search, no faiss index", "updated": "faiss index updated (new rows added)",
              "rebuilt": "faiss index rebuilt"}[built.faiss]
     console.print(f"indexed {built.n_videos} videos -> {built.path} ({built.generation}: {built.added} embedded, "
@@ -73,7 +74,10 @@ def _read_queries(path: Path) -> list[str]:
     else:
         if not path.is_file():
             raise InputError(f"queries file {path} does not exist")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise InputError(f"queries file {path} is not UTF-8 text; give one query per line") from None
     queries = [line.strip() for line in lines if line.strip()]
     if not queries:
         raise InputError(f"queries file {path} has no non-empty line")
@@ -125,10 +129,9 @@ def search_cmd(
     if searcher.index.random_init:
         err_console.print(f"[yellow]note:[/] {RANDOM_INIT_NOTE}", soft_wrap=True, highlight=False)
     if as_json:
-        out = sys.stdout
-        for text, hits, groups in zip(texts, results, grouped if group else results, strict=True):
-            for item in groups if group else hits:
-                out.write(json.dumps({"query": text, **item}, ensure_ascii=False) + "\n")
+        for text, items in zip(texts, grouped if group else results, strict=True):
+            for item in items:
+                sys.stdout.write(json.dumps({"query": text, **item}, ensure_ascii=False) + "\n")
     elif group:
         _print_groups(texts, grouped)
     else:

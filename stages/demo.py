@@ -19,6 +19,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from muse_pipeline.atomic import atomic_write_text
+
 DEMO_SEARCHES = 5  # test captions searched for in the demo's search step
 
 
@@ -122,7 +124,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
                       ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     out = {"results": results, "runs": {k: str(v) for k, v in runs.items()}, "report": [str(p) for p in pngs],
            "search": searched, "seconds": timings}
-    (cfg.root / "demo.json").write_text(json.dumps(out, indent=2, default=str))
+    atomic_write_text(cfg.root / "demo.json", json.dumps(out, indent=2, default=str))
     return out
 
 

@@ -30,6 +30,17 @@ def zero_shot_baseline(evals: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str
     return None
 
 
+def _read_eval(path: Path) -> dict[str, Any]:
+    """An eval.json; one InputError line when it is not a JSON object (damaged or another file)."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a readable eval.json ({exc}); write it again with `muse eval`") from None
+    if not isinstance(result, dict):
+        raise InputError(f"{path} is not an eval.json (not a JSON object); write it again with `muse eval`")
+    return result
+
+
 def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str, *,
                  baseline: Path | str | bool | None = True) -> list[Path]:
     """Write training.{png,svg} and recall.{png,svg} for `run_dirs` into `out_dir`; returns the files.
@@ -46,20 +57,20 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str, *,
         raise InputError(f"not a directory: {', '.join(missing)}")
     if isinstance(baseline, str | Path) and not Path(baseline).is_file():
         raise InputError(f"baseline eval file {baseline} does not exist (write one with `muse eval --zero-shot`)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     evals = []
     for run in runs:
         path = run / "eval.json"
         if path.is_file():
-            result = json.loads(path.read_text())
+            result = _read_eval(path)
             evals.append((run_label(run, result), result))
     base = None
     if isinstance(baseline, str | Path):
-        result = json.loads(Path(baseline).read_text())
+        result = _read_eval(Path(baseline))
         base = (f"{result.get('head', 'baseline')} (baseline)", result)
     elif baseline:
         base = zero_shot_baseline(evals)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     written = plot_training(runs, out / "training.png") + plot_recall(evals, out / "recall.png", base)
     if not written:
         raise InputError(

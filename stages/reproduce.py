@@ -24,6 +24,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from muse_pipeline.atomic import atomic_write_text
 from muse_pipeline.config import preset
 from muse_pipeline.data import AnnotationError, load_dataset
 from muse_pipeline.errors import UserError
@@ -146,10 +147,9 @@ def run_reproduce(cfg: ReproduceConfig) -> Path:
     }
     ours = [run_row(kind, path, result) for kind, path, result in rows]
     page = results_markdown(cfg.dataset, zero_shot, ours, settings)
-    cfg.results_dir.mkdir(parents=True, exist_ok=True)
     out = cfg.results_dir / f"{cfg.dataset}.md"
-    out.write_text(page)
-    (cfg.results_dir / f"{cfg.dataset}.json").write_text(json.dumps(
+    atomic_write_text(out, page)
+    atomic_write_text(cfg.results_dir / f"{cfg.dataset}.json", json.dumps(
         {"settings": settings, "zero_shot": zero_shot, "trained": rows[-1][2],
          "runs": [{k: v for k, v in r.items() if k != "config"} for r in ours]},
         indent=2, default=str,

@@ -23,8 +23,6 @@ from muse_pipeline.errors import InputError
 from muse_pipeline.search.cache_columns import (
     absolute_paths,
     clip_windows,
-    file_durations,
-    file_sources,
     first_captions,
 )
 from muse_pipeline.search.embedder import load_indexable_run, run_embedder, tuning_queries, zero_shot_embedder
@@ -49,7 +47,7 @@ class IndexBuild:
     """What `build_index` did: the index root, the generation now current, and the counts.
 
     published: False when the index was already up to date (nothing written). faiss: "none" (exact
-    search), "updated" or "rebuilt". notes: sentences for the user (a frame count that differs, why a
+    search), "updated" or "rebuilt"; "unchanged" for an approximate index left as it was. notes: sentences for the user (a frame count that differs, why a
     full build was needed)."""
 
     path: Path
@@ -170,7 +168,7 @@ def build_index(
             folder, emb, ids=[str(all_ids[i]) for i in index_rows],
             paths=absolute_paths([str(all_paths[i]) for i in index_rows], cache_path),
             captions=first_captions(cache, index_rows), windows=clip_windows(cache, index_rows),
-            sources=file_sources(cache, index_rows), durations=file_durations(cache, index_rows),
+            sources=cache.read_sources(index_rows), durations=cache.read_durations(index_rows),
             cache_rows=index_rows, clip=clip, words=int(fp["words"]), adapter=embedder.adapter, plan=plan,
             tuning_queries=tuning, ann=ann,
             extra={**embedder.extra, "cache_name": cache_path.name, "dataset": fp.get("dataset"),
@@ -178,7 +176,7 @@ def build_index(
         )
 
     if overwrite and out.exists() and not is_index_root(out):
-        shutil.rmtree(out)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()  # --out may name a file
     generation = publish(out, write)
     # The CLIP text tower for queries, once per index root (a query then needs no open_clip).
     ensure_text_encoder(out, clip, pretrained=pretrained, device=device)

@@ -11,6 +11,7 @@ import torch
 
 from muse_pipeline.cache.store import FeatureCache
 from muse_pipeline.data.base import CaptionItem, DatasetIndex, VideoItem
+from muse_pipeline.errors import UserError
 from muse_pipeline.evaluation import embed, end_to_end, score, tables
 from muse_pipeline.metrics import retrieval_metrics
 from muse_pipeline.stages import evaluate as ev
@@ -353,8 +354,13 @@ def test_report_errors(tmp_path: Path) -> None:
         write_report([tmp_path / "missing"], tmp_path / "out")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kind": "step"\n{"kind": "epoch", "epoch": 0}\n')
-    with pytest.raises(ValueError, match="line 1"):
+    with pytest.raises(UserError, match="line 1"):  # one error line for the CLI, no traceback
         read_metrics_log(bad)
+    damaged = _fake_run(tmp_path, "damaged", "muse", 40.0)
+    (damaged / "eval.json").write_text('{"head": "muse", "split"')
+    with pytest.raises(UserError, match="eval.json"):
+        write_report([damaged], tmp_path / "out-damaged")
+    assert not (tmp_path / "out-damaged").exists()  # refused before anything is written
     assert val_r1({"R1": 5}) == 5.0 and val_r1({"t2v": {"R1": 7}}) == 7.0 and val_r1(None) is None
 
 

@@ -68,7 +68,7 @@ def test_damaged_index_is_one_line_for_search_and_serve(caption_index, damage: s
 
 
 def test_current_pointer_to_nothing_is_one_line(caption_index) -> None:
-    out, _ = caption_index
+    out, cache = caption_index
     (out / CURRENT).write_text("gen-000007\n")
     result = CliRunner().invoke(app, ["search", "a red circle", "--index", str(out)])
     line = _one_error_line(result.output)
@@ -76,3 +76,19 @@ def test_current_pointer_to_nothing_is_one_line(caption_index) -> None:
     (out / CURRENT).write_text("garbage")
     line = _one_error_line(CliRunner().invoke(app, ["search", "x", "--index", str(out)]).output)
     assert str(out / CURRENT) in line and "does not name a generation" in line
+    # The way out the error names: --overwrite publishes a new generation over the damaged pointer.
+    fixed = CliRunner().invoke(app, ["index", "--cache", str(cache.path), "--out", str(out), "--overwrite"])
+    assert fixed.exit_code == 0, fixed.output
+    assert CliRunner().invoke(app, ["search", "a red circle", "--index", str(out)]).exit_code == 0
+
+
+def test_index_over_a_file_is_refused_then_replaced(caption_index, tmp_path: Path) -> None:
+    _, cache = caption_index
+    target = tmp_path / "notes.txt"
+    target.write_text("not an index")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["index", "--cache", str(cache.path), "--out", str(target)])
+    assert "is not a muse index" in _one_error_line(refused.output) and target.read_text() == "not an index"
+    replaced = runner.invoke(app, ["index", "--cache", str(cache.path), "--out", str(target), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert runner.invoke(app, ["search", "a red circle", "--index", str(target)]).exit_code == 0

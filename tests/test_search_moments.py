@@ -5,15 +5,17 @@ query.py, html.py, cli/search.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from search_helpers import RANDOM_INIT_CLIP, TINY_D, unit_text_embeddings
+import zarr
+from search_helpers import RANDOM_INIT_CLIP, TINY_D, caption_store, unit_text_embeddings
 from typer.testing import CliRunner
 
+from muse_pipeline.cache.store import FeatureCache
 from muse_pipeline.cli.main import app
-from muse_pipeline.search.cache_columns import file_durations, file_sources
 from muse_pipeline.search.index_format import write_index
 from muse_pipeline.search.moments import group_by_source, media_fragment, moment_label
 from muse_pipeline.search.query import Searcher
@@ -104,29 +106,25 @@ def test_moment_helpers() -> None:
     assert media_fragment(0.0, None) == "#t=0" and media_fragment(12.5, 42.5) == "#t=12.5,42.5"
 
 
-class _StoreWithContractArrays:
-    """A cache that records durations and source files (the extraction side's readers)."""
-
-    video_ids = ["a@0-30", "a@15-45", "b"]
-
-    def read_durations(self, rows):
-        return np.array([60.0, 60.0, 5.0])[rows]
-
-    def read_sources(self, rows):
-        return [["a", "a", "b"][i] for i in rows]
-
-
-class _OldStore:
-    video_ids = ["a@0-30", "b"]
-
-
-def test_cache_columns_durations_and_sources() -> None:
+def test_cache_columns_durations_and_sources(tmp_path: Path, tiny_clip) -> None:
+    """The index copies each row's file duration and source id from the cache's readers."""
+    ids = ["a@0-30", "a@15-45", "b", "c", "d", "e"]
+    cache = caption_store(tmp_path, tiny_clip, ids=ids)
+    group = zarr.open_group(str(cache.path), mode="r+")
+    group["videos/duration"][:] = [60.0, 60.0, 5.0, np.nan, np.nan, np.nan]
+    group["videos/source"][:] = np.array(["a", "a", "b", "c", "d", "e"], dtype=group["videos/source"].dtype)
+    legacy = tmp_path / "legacy.zarr"
+    shutil.copytree(cache.path, legacy)
+    legacy_group = zarr.open_group(str(legacy), mode="r+")
+    del legacy_group["videos/duration"], legacy_group["videos/source"]
     rows = np.array([2, 0])
-    np.testing.assert_array_equal(file_durations(_StoreWithContractArrays(), rows), [5.0, 60.0])
-    assert file_sources(_StoreWithContractArrays(), rows) == ["b", "a"]
+    store = FeatureCache.open(cache.path)
+    np.testing.assert_array_equal(store.read_durations(rows), [5.0, 60.0])
+    assert store.read_sources(rows) == ["b", "a"]
     # Stores made before the arrays: durations unknown, the source is the row id.
-    assert np.isnan(file_durations(_OldStore(), np.array([0, 1]))).all()
-    assert file_sources(_OldStore(), np.array([1, 0])) == ["b", "a@0-30"]
+    old = FeatureCache.open(legacy)
+    assert np.isnan(old.read_durations(np.array([0, 1]))).all()
+    assert old.read_sources(np.array([2, 0])) == ["b", "a@0-30"]
 
 
 def test_server_groups_per_file(moments_index) -> None:

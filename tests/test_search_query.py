@@ -117,6 +117,11 @@ def test_cli_json_queries_file_and_html(caption_index, tmp_path: Path) -> None:
     assert "randomly initialised" in result.stderr
     result = runner.invoke(app, ["search", "x", "--index", str(out), "--top-k", "0"])
     assert result.exit_code != 0 and result.output.strip() == "error: --top-k must be >= 1, got 0"
+    binary = tmp_path / "queries.bin"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    result = runner.invoke(app, ["search", "--queries", str(binary), "--index", str(out)])
+    assert result.exit_code != 0 and result.output.strip() == (
+        f"error: queries file {binary} is not UTF-8 text; give one query per line")
 
 
 def test_demo_search_step_reports_own_video_ranks(tmp_path: Path, synthetic_root: Path, tiny_clip) -> None:

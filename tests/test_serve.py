@@ -102,6 +102,7 @@ def test_post_search_bounds(client) -> None:
     assert client.post("/search", json={"queries": ["x" * (MAX_QUERY_CHARS + 1)]}).status_code == 422
     response = client.post("/search", json={"queries": ["   "]})
     assert response.status_code == 400 and "empty" in response.json()["detail"]
+    assert "Content-Security-Policy" in response.headers  # the UserError handler's answer is guarded too
 
 
 def test_video_served_by_id_with_ranges(client, served) -> None:

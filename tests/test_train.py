@@ -767,3 +767,23 @@ def test_train_request_takes_run_train_keywords_and_collects_train_fields():
     assert (req.from_cache, req.head, req.quiet) == ("c.zarr", "muse", True)
     assert dict(req.train_overrides) == {"epochs": 3, "lr": None, "frames": 8}
     assert req.replace(describe_only=True).describe_only and not req.describe_only  # frozen: replace copies
+
+
+def test_padded_frame_tokens_encodes_only_real_frames() -> None:
+    from muse_pipeline.training.modules import padded_frame_tokens
+
+    class CountingEncoder:
+        seen = 0
+
+        def frame_tokens(self, pixels):  # [n, 3, S, S] -> [n, L=2, D=3]: the frame's pixel sum, twice
+            CountingEncoder.seen += len(pixels)
+            return pixels.sum(dim=(1, 2, 3))[:, None, None].expand(-1, 2, 3).clone()
+
+    pixels = torch.arange(2 * 3 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 3, 2, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.uint8)
+    tokens = padded_frame_tokens(CountingEncoder(), pixels, mask)
+    assert tokens.shape == (2, 3, 2, 3) and CountingEncoder.seen == 3
+    for b in range(2):
+        for t in range(3):
+            want = float(pixels[b, t].sum()) if mask[b, t] else 0.0
+            assert torch.all(tokens[b, t] == want)

@@ -54,6 +54,7 @@ def embed_split_end_to_end(
     import warnings
 
     from muse_pipeline.training.data import EndToEndPairDataset
+    from muse_pipeline.training.modules import padded_frame_tokens
 
     video_rows = np.array([i for i, v in enumerate(index.videos) if v.split == split], dtype=np.int64)
     if video_rows.size == 0:
@@ -77,9 +78,7 @@ def embed_split_end_to_end(
         for lo in range(0, len(video_rows), batch_size):
             pixels, mask = ds.video_batch(video_rows[lo : lo + batch_size])
             pixels, mask = pixels.to(device), mask.to(device)
-            real = encoder.frame_tokens(pixels[mask])  # only real frames go through CLIP
-            tokens = real.new_zeros((*mask.shape, *real.shape[1:]))
-            tokens[mask] = real
+            tokens = padded_frame_tokens(encoder, pixels, mask)  # only real frames go through CLIP
             videos.append(model.embed_videos(tokens, mask).float().cpu())
     failures = sum(1 for w in caught if "using a black frame" in str(w.message))
     texts = []

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from muse_pipeline.atomic import atomic_write_text
 from muse_pipeline.evaluation.score import T2V_RULE, V2T_RULE
 from muse_pipeline.metrics import rsum
 
@@ -70,9 +71,9 @@ def eval_markdown(result: dict[str, Any]) -> str:
 def write_eval(result: dict[str, Any], json_path: Path) -> tuple[Path, Path]:
     """Write `result` as JSON and the same numbers as Markdown beside it (`.md`)."""
     json_path = Path(json_path)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")  # `muse report` reads it
     md_path = json_path.with_suffix(".md")
-    md_path.write_text(eval_markdown(result))
+    atomic_write_text(md_path, eval_markdown(result))
     return json_path, md_path
 
 

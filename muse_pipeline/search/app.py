@@ -113,12 +113,9 @@ def create_app(searcher: Searcher | LiveSearcher):
         ref = quote(hit["id"], safe="")
         return {**hit, "video_url": f"/video?id={ref}", "thumb_url": f"/thumb?id={ref}"}
 
+    # A query the searcher refuses (UserError) is a 400 through `user_error` below.
     def run(current: Searcher, queries: list[str], k: int) -> list[list[dict[str, Any]]]:
-        try:
-            results = current.search(queries, k)
-        except UserError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
-        return [[with_urls(h) for h in hits] for hits in results]
+        return [[with_urls(h) for h in hits] for hits in current.search(queries, k)]
 
     @app.get("/search")
     def search_get(
@@ -130,10 +127,7 @@ def create_app(searcher: Searcher | LiveSearcher):
         current = live.current()
         answer: dict[str, Any] = {"query": q, "k": k, "generation": current.index.generation}
         if group:
-            try:
-                groups = current.search_grouped([q], k)[0]
-            except UserError as exc:
-                raise HTTPException(status_code=400, detail=str(exc)) from None
+            groups = current.search_grouped([q], k)[0]
             for g in groups:
                 g["moments"] = [with_urls(m) for m in g["moments"]]
             answer["groups"] = groups

@@ -1,10 +1,10 @@
-"""The per-video columns an index copies from a feature cache: clip windows, file durations and
-source ids, first captions, paths.
+"""The per-video columns an index copies from a feature cache that the cache does not read itself:
+clip windows of old stores, first captions, absolute paths. (File durations and source ids are
+`FeatureCache.read_durations` / `read_sources`, which read old stores too.)
 
 `cache` is an opened feature cache (`FeatureCache`: video_ids, captions, text_video_index,
-fingerprint, root); `rows` [n] int are the cache rows being indexed. `clip_windows`,
-`file_durations`, `file_sources` and `first_captions` return one value per row, in the order of
-`rows`; `absolute_paths` one per path.
+fingerprint, root); `rows` [n] int are the cache rows being indexed. `clip_windows` and
+`first_captions` return one value per row, in the order of `rows`; `absolute_paths` one per path.
 """
 
 from __future__ import annotations
@@ -45,25 +45,6 @@ def _legacy_windows(cache: Any, rows: np.ndarray) -> np.ndarray:
             except ValueError:
                 pass
     return out
-
-
-def file_durations(cache: Any, rows: np.ndarray) -> np.ndarray:
-    """[n] float64 duration of each row's file in seconds; NaN where unknown (stores made before
-    extraction recorded `/videos/duration`)."""
-    reader = getattr(cache, "read_durations", None)  # FeatureCache gains it with the duration array
-    if reader is None:
-        return np.full(len(rows), np.nan)
-    return np.asarray(reader(np.asarray(rows, dtype=np.int64)), dtype=np.float64).reshape(-1)
-
-
-def file_sources(cache: Any, rows: np.ndarray) -> list[str]:
-    """The id of the file each row comes from (= the row id for whole-file rows and for stores made
-    before extraction recorded `/videos/source`)."""
-    reader = getattr(cache, "read_sources", None)  # FeatureCache gains it with the source array
-    if reader is None:
-        ids = cache.video_ids
-        return [str(ids[int(i)]) for i in rows]
-    return [str(s) for s in reader(np.asarray(rows, dtype=np.int64))]
 
 
 def first_captions(cache: Any, rows: np.ndarray) -> list[str]:

@@ -95,11 +95,15 @@ def generations(root: Path | str) -> list[str]:
 
 def publish(root: Path | str, write: Callable[[Path], object]) -> str:
     """Write a new generation of `root` with `write(folder)` (which must create `folder`), make it
-    current, prune; returns its name. Numbers only grow (after the newest folder present)."""
+    current, prune; returns its name. Numbers only grow (after the newest folder present); a damaged
+    CURRENT is replaced (callers refuse a damaged index unless told to overwrite it)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     present = generations(root)
-    current = current_generation(root) if is_index_root(root) else None
+    try:
+        current = current_generation(root) if is_index_root(root) else None
+    except IndexFormatError:  # a damaged CURRENT (the caller chose to replace it): the folders decide
+        current = None
     newest = max([generation_number(n) for n in present] + [generation_number(current or LEGACY)])
     name = generation_name(newest + 1)
     write(root / name)

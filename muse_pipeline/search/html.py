@@ -16,6 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from muse_pipeline.atomic import atomic_write_bytes
 from muse_pipeline.search.moments import media_fragment, moment_label
 from muse_pipeline.video.thumbnails import frame_jpegs
 
@@ -101,6 +102,5 @@ def write_html(
         )
     parts.append("</body></html>")
     out = Path(out_html)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts), encoding="utf-8")
+    atomic_write_bytes(out, "\n".join(parts).encode("utf-8"))
     return out

@@ -204,7 +204,11 @@ class Searcher:
         texts = [check_query(q) for q in queries]
         if not texts:
             return []
-        scores, rows = self.index.search_vectors(self.encoder.encode(texts), top_k, exact=exact)
+        return self._hits(self.encoder.encode(texts), top_k, exact)
+
+    def _hits(self, vectors: np.ndarray, top_k: int, exact: bool) -> list[list[dict[str, Any]]]:
+        """One hit list per query row of `vectors` [Q, D] (unit rows), best first."""
+        scores, rows = self.index.search_vectors(vectors, top_k, exact=exact)
         return [
             [self.index.hit(int(r), float(s), rank) for rank, (s, r) in enumerate(zip(sr, rr, strict=True), 1) if r >= 0]
             for sr, rr in zip(scores, rows, strict=True)
@@ -217,11 +221,14 @@ class Searcher:
         every row was ranked."""
         check_k(top_k, "top_k")
         texts = [check_query(q) for q in queries]
+        if not texts:
+            return []
         out = []
-        for text in texts:
+        # Each query is encoded once; only the ranking is redone with a larger fetch.
+        for vector in self.encoder.encode(texts):
             fetch = min(len(self.index), top_k * GROUP_FETCH)
             while True:
-                hits = self.search([text], fetch, exact=exact)[0]
+                hits = self._hits(vector[None, :], fetch, exact)[0]
                 groups = group_by_source(hits, top_k)
                 if len(groups) >= top_k or fetch >= len(self.index):
                     break

@@ -3,7 +3,7 @@
 Records: {"kind": "step", "step", "epoch", "loss", "lr", ...} per logged step and
 {"kind": "epoch", "epoch", "train_loss", "val": {...}, "best": bool, "logit_scale", ...} per epoch;
 other kinds (e.g. "error") are ignored by the readers here. The last line may be torn (a crash
-mid-write): it is skipped; a bad line anywhere else is a ValueError naming it.
+mid-write): it is skipped; a bad line anywhere else is an InputError (a ValueError) naming it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from muse_pipeline.errors import InputError
 
 
 def read_metrics_log(path: Path | str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -27,7 +29,7 @@ def read_metrics_log(path: Path | str) -> tuple[list[dict[str, Any]], list[dict[
         except json.JSONDecodeError:
             if n == len(lines) - 1:
                 continue
-            raise ValueError(f"{path}: line {n + 1} is not JSON") from None
+            raise InputError(f"{path}: line {n + 1} is not JSON; repair or remove that line") from None
         kind = rec.get("kind")
         if kind == "step":
             steps.append(rec)

@@ -12,6 +12,16 @@ import torch
 from torch import nn
 
 
+def padded_frame_tokens(encoder, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CLIP tokens [B, T, L, D] of frames pixels [B, T, 3, S, S] where mask [B, T] is set: only the real
+    frames go through `encoder.frame_tokens`; padded slots are zeros (the heads mask them out)."""
+    mask = mask.bool()
+    real = encoder.frame_tokens(pixels[mask])  # [n_real, L, D]
+    tokens = real.new_zeros((*mask.shape, *real.shape[1:]))
+    tokens[mask] = real
+    return tokens
+
+
 class CachePairModel(nn.Module):
     """batch {"tokens": [B,T,L,D], "mask": [B,T], "text_emb": [B,D]} -> (text [B,D], video [B,D]), both L2-normalised."""
 
@@ -42,11 +52,8 @@ class EndToEndPairModel(nn.Module):
         self.clip.requires_grad_(True)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, mask = batch["pixels"], batch["mask"].bool()
-        b, t = mask.shape
-        real = self.encoder.frame_tokens(pixels[mask])  # [n_real, L, D]
-        tokens = real.new_zeros((b, t, *real.shape[1:]))
-        tokens[mask] = real
+        mask = batch["mask"].bool()
+        tokens = padded_frame_tokens(self.encoder, batch["pixels"], mask)
         video = self.model.embed_videos(tokens.float(), mask)
         text_emb = self.encoder.text_features(batch["text_ids"])
         text = self.model.embed_texts(text_emb.float())

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from muse_pipeline.cache.compat import RESUME_KEYS, describe_differences, differing_keys
+from muse_pipeline.encoders.weights_identity import RANDOM_INIT
 from muse_pipeline.errors import UserError
 from muse_pipeline.models.checkpoint import load_weights
 from muse_pipeline.training.config import TrainConfig
@@ -26,9 +27,9 @@ from muse_pipeline.training.data import CacheError, SplitPlan
 from muse_pipeline.training.distributed import DistContext, broadcast_object
 from muse_pipeline.training.loop import seed_everything
 
-# Fields a resumed run may change: they do not affect the weights.
 log = logging.getLogger(__name__)
 
+# Fields a resumed run may change: they do not affect the weights.
 RESUME_FREE = {"num_workers", "log_every"}
 
 
@@ -49,8 +50,6 @@ def check_fingerprints(run_fp: dict, cache_fp: dict, cache_path: Path | str, run
 
 def is_random_init(fp: dict) -> bool:
     """Whether a fingerprint's CLIP weights are the seeded random init (not pretrained)."""
-    from muse_pipeline.encoders.clip import RANDOM_INIT  # open_clip: imported only when a run is set up
-
     return str(fp.get("weights", "")).startswith(RANDOM_INIT)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from muse_pipeline.training.data import SplitPlan
+from muse_pipeline.training.modules import padded_frame_tokens
 
 Validator = Callable[[nn.Module], "dict | None"]
 
@@ -97,9 +98,7 @@ class EndToEndValidator(_SplitValidator):
         for lo in range(0, len(self.plan.val_videos), self.batch_size):
             pixels, mask = self.dataset.video_batch(self.plan.val_videos[lo : lo + self.batch_size])
             pixels, mask = pixels.to(self.device), mask.to(self.device)
-            real = enc.frame_tokens(pixels[mask])
-            tokens = real.new_zeros((*mask.shape, *real.shape[1:]))
-            tokens[mask] = real
+            tokens = padded_frame_tokens(enc, pixels, mask)
             videos.append(model.embed_videos(tokens.float(), mask).cpu())
         texts = []
         for lo in range(0, len(self.plan.val_texts), 256):
