@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on the built-in synthetic dataset with the tiny CLIP.
 
-generate videos -> extract (dask LocalCluster) -> zero-shot meanP -> train `muse` and `seqTransf`
+generate videos -> extract (dask, or in-process on a small CPU) -> zero-shot meanP -> train `muse` and `seqTransf`
 from the cache -> evaluate -> one comparison table -> report plots -> a search example.
 
 The tiny CLIP is randomly initialised (nothing can be downloaded here), so its zero-shot score is
@@ -64,7 +64,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     data_root = generate_synthetic(cfg.root / "data", n_videos=cfg.n_videos, seed=0)
     t = lap("generate", t0)
 
-    say(f"[bold]2/6 extract[/] with {cfg.model} (random init) on a dask LocalCluster")
+    say(f"[bold]2/6 extract[/] with {cfg.model} (random init)")
     summary = run_extract(ExtractConfig(
         dataset="synthetic", data_root=data_root, model=cfg.model, cache_dir=cfg.root / "cache",
         workers=cfg.workers, quiet=cfg.quiet,
