@@ -40,7 +40,7 @@ def test_no_window_starts_at_or_after_the_end_with_a_stride_longer_than_the_wind
     assert window_starts(25.0, spec) == [0, 20]
 
 
-@pytest.mark.parametrize("window, stride, frames", [(30, None, 12), (24, 5, 12), (-1, None, 12)])
+@pytest.mark.parametrize("window, stride, frames", [(30, None, 12), (24, 5, 12), (-1, None, 12), (0, 12, 12)])
 def test_a_window_the_grid_cannot_hold_is_refused_with_what_to_use(window, stride, frames):
     with pytest.raises(InputError, match="--window|--stride"):
         window_spec(window, stride, frames)

@@ -72,6 +72,8 @@ def window_spec(window: int | None, stride: int | None, frames: int) -> WindowSp
     if window is not None and window < 0:
         raise InputError(f"--window must be >= 0 seconds (0: whole files), got {window}")
     if window == 0:
+        if stride is not None:
+            raise InputError("--stride has no effect with --window 0 (whole files, no windows); drop one of them")
         return WindowSpec(0, 0, frames)
     window = default.window if window is None else window
     if window >= frames and window % frames:
